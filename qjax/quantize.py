@@ -1,0 +1,739 @@
+"""Quantizers: ``quantize``, ``dequantize``, ``fake_quant`` and the ``QArray`` they produce.
+
+All rounding is done on float32 bit patterns with integer operations (no XLA casts to sub-byte
+types, no ``exp2``/``log2``), so results are bit-exact and identical on every backend. The rules
+are written down in ``docs/numerics.md``; ``tests/reference.py`` is an independent NumPy
+implementation of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Integer, Key
+
+from qjax import formats as F
+
+Rounding = Literal["nearest", "stochastic"]
+ScaleMode = Literal["floor", "rceil"]
+_ROUNDINGS = ("nearest", "stochastic")
+_SCALE_MODES = ("floor", "rceil")
+
+_F32_NAN_BITS = 0x7FC00000
+_SIGN = np.uint32(0x80000000)
+_ABS = np.uint32(0x7FFFFFFF)
+
+
+# --------------------------------------------------------------------------- float32 bit helpers
+
+
+def _bits(x):
+    return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+
+
+def _from_bits(b):
+    return lax.bitcast_convert_type(b.astype(jnp.uint32), jnp.float32)
+
+
+def _exponent_and_mantissa(abs_bits):
+    """Unbiased exponent (subnormals normalised as 2^-126 * 0.m) and 24-bit significand."""
+    biased = (abs_bits >> 23).astype(jnp.int32)
+    significand = (abs_bits & 0x7FFFFF) | jnp.where(biased > 0, jnp.uint32(0x800000), jnp.uint32(0))
+    return jnp.maximum(biased, 1) - 127, significand
+
+
+def _compose(k, exponent):
+    """float32 with value ``k * 2**exponent`` for integers ``0 <= k < 2**25``, built from bits so no
+    float unit can flush subnormals; below 2**-126 the result is a float32 subnormal, rounded to
+    nearest-even where it is not representable."""
+    k = k.astype(jnp.uint32)
+    lead = 31 - lax.clz(k).astype(jnp.int32)  # position of the leading one bit
+    biased = exponent + lead + 127
+    mantissa = jnp.where(lead <= 23, k << jnp.clip(23 - lead, 0, 31).astype(jnp.uint32),
+                         k >> jnp.clip(lead - 23, 0, 31).astype(jnp.uint32)) & 0x7FFFFF
+    normal = (jnp.clip(biased, 0, 255).astype(jnp.uint32) << 23) | mantissa
+    left = exponent + 149  # subnormal bits are k * 2**(exponent + 149)
+    right = jnp.clip(-left, 1, 31).astype(jnp.uint32)
+    kept, dropped = k >> right, k & ((jnp.uint32(1) << right) - 1)
+    half = jnp.uint32(1) << (right - 1)
+    up = (dropped > half) | ((dropped == half) & ((kept & 1) == 1))
+    subnormal = jnp.where(left >= 0, k << jnp.clip(left, 0, 31).astype(jnp.uint32),
+                          jnp.where(left < -25, jnp.uint32(0), kept + up.astype(jnp.uint32)))
+    out = jnp.where(biased >= 1, normal, subnormal)
+    return _from_bits(jnp.where(k == 0, jnp.uint32(0), out))
+
+
+def _times_power_of_two(v, exponent):
+    """``v * 2**exponent`` for float32 ``v`` and integer ``exponent``, exactly (integer ops)."""
+    b = _bits(v)
+    sign, abs_bits = b & _SIGN, b & _ABS
+    e, significand = _exponent_and_mantissa(abs_bits)
+    out = _compose(significand, e - 23 + exponent)
+    out = jnp.where(abs_bits >= 0x7F800000, _from_bits(abs_bits), out)
+    return _from_bits(_bits(out) | sign)
+
+
+def _floor_log2(abs_bits):
+    """floor(log2(|x|)) of positive finite float32 magnitudes (bit patterns), subnormals included."""
+    exponent, significand = _exponent_and_mantissa(abs_bits)
+    lead = 31 - lax.clz(significand).astype(jnp.int32)
+    return exponent + lead - 23
+
+
+def _round_magnitude(abs_bits, step_exponent, rounding, random_bits, exponent_offset):
+    """Rounds |x| * 2**-exponent_offset (|x| as float32 bit patterns) to a multiple of
+    2**step_exponent: nearest-even, or stochastic (up with probability (distance to the lower
+    multiple) / step, from the low bits of ``random_bits``). Returns float32."""
+    exponent, significand = _exponent_and_mantissa(abs_bits)
+    # |x| * 2**-offset = significand * 2**(exponent - offset - 23); the step is 2**step_exponent.
+    shift = step_exponent - (exponent - exponent_offset - 23)
+    already_on_grid = shift <= 0
+    # Beyond 31 bits the value is far below half a step; keep the 31 top bits (SR bias < 2**-31 step).
+    extra = jnp.clip(shift - 31, 0, 31).astype(jnp.uint32)
+    significand = significand >> extra
+    shift = jnp.clip(shift, 1, 31).astype(jnp.uint32)
+    k = significand >> shift
+    mask = (jnp.uint32(1) << shift) - 1
+    remainder = significand & mask
+    if rounding == "nearest":
+        half = jnp.uint32(1) << (shift - 1)
+        up = (remainder > half) | ((remainder == half) & ((k & 1) == 1))
+    else:
+        up = (random_bits & mask) < remainder
+    rounded = _compose(k + up.astype(jnp.uint32), step_exponent)
+    return jnp.where(already_on_grid, _times_power_of_two(_from_bits(abs_bits), -exponent_offset),
+                     rounded)
+
+
+def round_to_element(y: Float[Array, "..."], element: F.ElementEncoding, *,
+                     rounding: Rounding = "nearest", random_bits=None, saturate: bool = True,
+                     exponent_offset=0) -> Float[Array, "..."]:
+    """Rounds float32 ``y * 2**-exponent_offset`` to the nearest value of ``element`` (values, not
+    codes).
+
+    Args:
+      y: values (already divided by any non-power-of-two scale).
+      exponent_offset: integer (array) exponent of a power-of-two scale to divide by, applied
+        exactly on the bit pattern (no float division, so subnormals are never flushed).
+      element: the element encoding.
+      rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (needs ``random_bits``, uint32 of
+        ``y``'s shape).
+      saturate: clamp to ±max ("satfinite": ±Inf -> ±max). With ``saturate=False`` an IEEE encoding
+        overflows to ±Inf, as a cast does.
+
+    Returns:
+      float32 values on the element's grid. NaN stays NaN where the encoding has a NaN, else 0.
+
+    Example:
+      >>> round_to_element(jnp.array([2.5, 3.5, 7.0]), F.FloatEncoding(2, 1, "none"))
+      Array([2., 4., 6.], dtype=float32)
+    """
+    y = y.astype(jnp.float32)
+    b = _bits(y)
+    sign, abs_bits = b & _SIGN, b & _ABS
+    is_nan = abs_bits > 0x7F800000
+    if isinstance(element, F.BinaryEncoding):
+        if rounding == "nearest":
+            positive = (sign == 0) | (abs_bits == 0)
+        else:
+            y = _times_power_of_two(y, -exponent_offset)
+            positive = (random_bits >> 8).astype(jnp.float32) * 2.0**-24 < (1 + jnp.clip(y, -1, 1)) / 2
+        return jnp.where(positive, 1.0, -1.0).astype(jnp.float32)
+    if isinstance(element, F.IntEncoding):
+        step_exponent = jnp.int32(-element.fraction_bits)
+        has_nan = False
+    else:
+        step_exponent = (jnp.maximum(_floor_log2(abs_bits) - exponent_offset, element.emin)
+                         - element.mantissa_bits)
+        has_nan = element.has_nan
+    magnitude = _round_magnitude(jnp.minimum(abs_bits, 0x7F800000), step_exponent, rounding,
+                                 random_bits, exponent_offset)
+    max_value = np.float32(element.max)
+    if saturate or isinstance(element, F.IntEncoding) or not (element.has_inf or element.has_nan):
+        magnitude = jnp.minimum(magnitude, max_value)
+    else:
+        overflow = np.float32(np.inf) if element.has_inf else np.float32(np.nan)
+        magnitude = jnp.where(magnitude > max_value, overflow, magnitude)
+    if isinstance(element, F.IntEncoding):
+        sign = jnp.where(magnitude == 0, jnp.uint32(0), sign)  # integers have no -0
+    out = _from_bits(_bits(magnitude) | sign)
+    return jnp.where(is_nan, np.float32(np.nan) if has_nan else np.float32(0), out)
+
+
+# --------------------------------------------------------------------------- codes
+
+
+def encode(v: Float[Array, "..."], element: F.ElementEncoding) -> Integer[Array, "..."]:
+    """Bit codes (uint32) of values already on ``element``'s grid (see :func:`round_to_element`).
+
+    Float codes are sign|exponent|mantissa; integers are two's complement in ``bits`` bits; binary
+    is 1 for +1 and 0 for -1.
+    """
+    b = _bits(v)
+    if isinstance(element, F.BinaryEncoding):
+        return (v > 0).astype(jnp.uint32)
+    if isinstance(element, F.IntEncoding):
+        k = jnp.round(v * 2.0**element.fraction_bits).astype(jnp.int32)
+        return k.astype(jnp.uint32) & ((1 << element.bits) - 1)
+    e, m = element.exponent_bits, element.mantissa_bits
+    sign, abs_bits = b & _SIGN, b & _ABS
+    exponent, significand = _exponent_and_mantissa(abs_bits)
+    normal = exponent >= element.emin
+    field = jnp.where(normal, exponent + element.bias, 0).astype(jnp.uint32)
+    down = jnp.clip(23 - m + jnp.where(normal, 0, element.emin - exponent), 0, 31).astype(jnp.uint32)
+    mantissa = (significand >> down) & ((1 << m) - 1)
+    code = (field << m) | mantissa
+    code = jnp.where(abs_bits == 0, jnp.uint32(0), code)
+    top = (1 << e) - 1
+    if element.specials == "ieee":
+        code = jnp.where(abs_bits == 0x7F800000, jnp.uint32(top << m), code)
+        code = jnp.where(abs_bits > 0x7F800000, jnp.uint32((top << m) | (1 << (m - 1) if m else 1)), code)
+    elif element.specials == "fn":
+        code = jnp.where(abs_bits > 0x7F800000, jnp.uint32((top << m) | ((1 << m) - 1)), code)
+    if element.signed:
+        code = code | ((sign >> 31) << (e + m))
+    return code
+
+
+def decode(code: Integer[Array, "..."], element: F.ElementEncoding) -> Float[Array, "..."]:
+    """Values (float32) of bit codes of ``element``; the inverse of :func:`encode`.
+
+    Example:
+      >>> decode(jnp.arange(8, dtype=jnp.uint32), F.FloatEncoding(2, 1, "none"))
+      Array([0. , 0.5, 1. , 1.5, 2. , 3. , 4. , 6. ], dtype=float32)
+    """
+    code = code.astype(jnp.uint32)
+    if isinstance(element, F.BinaryEncoding):
+        return jnp.where((code & 1) == 1, 1.0, -1.0).astype(jnp.float32)
+    if isinstance(element, F.IntEncoding):
+        shift = 32 - element.bits
+        k = lax.bitcast_convert_type(code << shift, jnp.int32) >> shift  # sign-extend
+        return k.astype(jnp.float32) * np.float32(2.0**-element.fraction_bits)
+    e, m = element.exponent_bits, element.mantissa_bits
+    field = ((code >> m) & ((1 << e) - 1)).astype(jnp.int32)
+    mantissa = code & ((1 << m) - 1)
+    significand = jnp.where(field > 0, mantissa | (1 << m), mantissa)
+    value = _compose(significand, jnp.maximum(field, 1) - element.bias - m)
+    top = (1 << e) - 1
+    if element.specials == "ieee":
+        value = jnp.where(field == top, jnp.where(mantissa == 0, np.float32(np.inf), np.float32(np.nan)), value)
+    elif element.specials == "fn":
+        value = jnp.where((field == top) & (mantissa == (1 << m) - 1), np.float32(np.nan), value)
+    if element.signed:
+        negative = ((code >> (e + m)) & 1) == 1
+        value = jnp.where(negative, -value, value)
+    return value
+
+
+# --------------------------------------------------------------------------- scales
+
+
+def _e8m0_exponent(stat, element, scale_mode):
+    """Integer exponent of the OCP MX shared scale for block statistics ``stat`` (float32, >= 0)."""
+    abs_bits = _bits(stat) & _ABS
+    log2_floor = _floor_log2(abs_bits)
+    if scale_mode == "floor":
+        exponent = log2_floor - element.emax
+    else:  # ceil(log2(amax / max_elem)), exact: compare the normalised significands.
+        max_mantissa, max_exponent = math.frexp(element.max)  # max = m * 2**e with m in [0.5, 1)
+        max_significand = int(max_mantissa * 2**24)  # exact: element max has few mantissa bits
+        _, significand = _exponent_and_mantissa(abs_bits)
+        lead = 31 - lax.clz(significand).astype(jnp.int32)
+        normalised = significand << jnp.clip(23 - lead, 0, 31).astype(jnp.uint32)
+        exponent = log2_floor - (max_exponent - 1) + (normalised > max_significand).astype(jnp.int32)
+    return jnp.clip(exponent, -127, 127)
+
+
+def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale):
+    """Scales for group statistics ``stat`` (float32).
+
+    Returns ``(divisor, stored)``: for E8M0 scales ``divisor`` is the integer exponent (int32; the
+    caller scales by it exactly on bit patterns), otherwise the float32 value every element is
+    divided by (block scale times tensor scale); ``stored`` is the scale in its storage dtype.
+    NaN marks groups holding a NaN or Inf (exponent 128 for E8M0).
+    """
+    scaling, element = fmt.scaling, fmt.element
+    finite = jnp.isfinite(stat)
+    nan = np.float32(np.nan)
+    encoding = scaling.scale
+    if encoding.power_of_two:
+        stat_bits = _bits(stat)  # compared as bits: a float compare may flush subnormals
+        finite = stat_bits < 0x7F800000
+        exponent = _e8m0_exponent(stat, element, scale_mode)
+        exponent = jnp.where(stat_bits > 0, exponent, -127)
+        code = jnp.where(finite, exponent + 127, 255).astype(jnp.uint8)
+        return jnp.where(finite, exponent, 128), lax.bitcast_convert_type(code, jnp.float8_e8m0fnu)
+    # Divisions by constants are written as products with the float32 reciprocal: XLA rewrites
+    # them so under jit, and one spelling keeps eager, jit and every backend bit-identical.
+    target = stat if scaling.statistic == "absmean" else stat * _reciprocal(element.max)
+    if tensor_scale is not None:
+        target = target * (1 / tensor_scale)
+    if encoding.name in ("fp32", "bf16"):
+        stored = target.astype(jnp.float32 if encoding.name == "fp32" else jnp.bfloat16)
+        value = stored.astype(jnp.float32)
+        value = jnp.where(finite, jnp.where(value > 0, value, np.float32(1)), nan)
+        return value, value.astype(stored.dtype)
+    grid = encoding.float_encoding
+    value = round_to_element(jnp.where(finite, target, nan), grid)
+    code = encode(value, grid).astype(jnp.uint8)
+    stored = lax.bitcast_convert_type(code, jnp.float8_e4m3fn) if encoding.name == "e4m3" else code
+    if tensor_scale is not None:
+        value = value * tensor_scale
+    return value, stored
+
+
+def _reciprocal(value: float) -> np.float32:
+    return np.float32(1) / np.float32(value)
+
+
+def _decode_scale(stored, encoding: F.ScaleEncoding):
+    """The inverse of :func:`_scale_from_stat`'s ``stored``: an exponent for E8M0 (128 = NaN),
+    otherwise the float32 block scale."""
+    if encoding.name in ("fp32", "bf16"):
+        return stored.astype(jnp.float32)
+    code = lax.bitcast_convert_type(stored, jnp.uint8) if stored.dtype != jnp.uint8 else stored
+    if encoding.power_of_two:
+        return code.astype(jnp.int32) - 127
+    return decode(code, encoding.float_encoding)
+
+
+def _apply_scale(elements, divisor, power_of_two):
+    """Element values times their group's scale (an exponent for E8M0, else a float32)."""
+    if power_of_two:
+        out = _times_power_of_two(elements, jnp.minimum(divisor, 127))
+        return jnp.where(divisor > 127, np.float32(np.nan), out)
+    return elements * divisor
+
+
+def _absmax(x, axes):
+    """max |x| over ``axes`` (keepdims), taken over bit patterns: exact, NaN-propagating (NaN
+    patterns are the largest) and blind to flush-to-zero."""
+    if x.size == 0:
+        return jnp.zeros([1 if d in axes else n for d, n in enumerate(x.shape)], jnp.float32)
+    return _from_bits(jnp.max(_bits(x) & _ABS, axis=axes, keepdims=True))
+
+
+def _tensor_scale(x, fmt: F.Format):
+    """The NVFP4-style FP32 second-level scale amax / (element.max * scale.max), shape (1,)*ndim."""
+    amax = _absmax(x, tuple(range(x.ndim)))
+    scale = amax * _reciprocal(fmt.element.max * fmt.scaling.scale.float_encoding.max)
+    scale = jnp.where(amax > 0, scale, np.float32(1))
+    return jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not isinstance(axis, (int, np.integer)) or not -max(ndim, 1) <= axis < max(ndim, 1):
+        raise ValueError(f"axis {axis} is out of range for an array of rank {ndim} "
+                         f"(valid: {-ndim} .. {ndim - 1}).")
+    return int(axis) % ndim
+
+
+def _group_view(x, block_shape):
+    """Pads ``x`` (float32) to whole blocks and reshapes to (n0, b0, n1, b1, ...)."""
+    padded = [-(-n // b) * b for n, b in zip(x.shape, block_shape)]
+    if tuple(padded) != x.shape:
+        x = jnp.pad(x, [(0, p - n) for p, n in zip(padded, x.shape)])
+    grouped = []
+    for p, b in zip(padded, block_shape):
+        grouped += [p // b, b]
+    return x.reshape(grouped), tuple(padded)
+
+
+def _block_axes(ndim):
+    return tuple(range(1, 2 * ndim, 2))
+
+
+def _group_counts(shape, block_shape):
+    """Number of real (unpadded) elements in each group, shaped like the group statistics."""
+    counts = np.ones((), np.float32)
+    for n, b in zip(shape, block_shape):
+        per_block = np.minimum(b, n - np.arange(-(-n // b)) * b).astype(np.float32)
+        counts = counts[..., None] * per_block
+    grouped = []
+    for c in counts.shape:
+        grouped += [c, 1]
+    return counts.reshape(grouped)
+
+
+def _check_arguments(x, fmt, rounding, key, scale_mode):
+    if rounding not in _ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(_ROUNDINGS)}.")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed).")
+    if scale_mode not in _SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid: {', '.join(_SCALE_MODES)}.")
+    if scale_mode != "floor" and (fmt.scaling is None or not fmt.scaling.scale.power_of_two):
+        raise ValueError(f"scale_mode={scale_mode!r} applies to E8M0 (power-of-two) scales only; "
+                         f"format {fmt.name!r} has none.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"quantize needs a floating-point input (float32, bfloat16, float16), "
+                        f"got dtype {x.dtype}.")
+
+
+def _random_bits(key, shape):
+    return jax.random.bits(key, shape, jnp.uint32)
+
+
+def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode):
+    """Returns (on-grid element values, divisor (see _scale_from_stat), stored scales, tensor
+    scale, block shape, padded shape); element values and divisor on the padded grouped view."""
+    x32 = x.astype(jnp.float32)
+    scaling = fmt.scaling
+    block_shape = scaling.granularity.block_shape(x.shape, axis)
+    tensor_scale = _tensor_scale(x32, fmt) if scaling.tensor_scale else None
+    grouped, padded = _group_view(x32, block_shape)
+    reduce_axes = _block_axes(x.ndim)
+    if scaling.statistic == "absmax":
+        stat = _absmax(grouped, reduce_axes)
+    else:
+        total = jnp.sum(jnp.abs(grouped), axis=reduce_axes, keepdims=True)
+        stat = total * (1 / _group_counts(x.shape, block_shape))
+    grouped_tensor_scale = None if tensor_scale is None else tensor_scale.reshape((1, 1) * x.ndim)
+    divisor, stored = _scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale)
+    random_bits = None if rounding == "nearest" else _random_bits(key, grouped.shape)
+    if scaling.scale.power_of_two:
+        elements = round_to_element(grouped, fmt.element, rounding=rounding,
+                                    random_bits=random_bits, exponent_offset=jnp.minimum(divisor, 127))
+        elements = jnp.where(divisor > 127, np.float32(np.nan), elements)
+    else:
+        # Multiply by the reciprocal computed once per group: XLA rewrites a division by a
+        # broadcast into exactly this, so spelling it out keeps jit and eager bit-identical.
+        reciprocal = jnp.where(divisor == 0, np.float32(0), 1 / jnp.where(divisor == 0, 1, divisor))
+        scaled = grouped * reciprocal
+        elements = round_to_element(scaled, fmt.element, rounding=rounding, random_bits=random_bits)
+    scale_shape = tuple(p // b for p, b in zip(padded, block_shape))
+    return elements, divisor, stored.reshape(scale_shape), tensor_scale, block_shape, padded
+
+
+def _crop(grouped, padded_shape, shape):
+    x = grouped.reshape(padded_shape)
+    if padded_shape != tuple(shape):
+        x = x[tuple(slice(0, n) for n in shape)]
+    return x
+
+
+def _cast_format(x, fmt, rounding, key):
+    """Unscaled float formats (bf16, fp16, or any ExMy without scaling)."""
+    native = fmt.native_dtype
+    if native is not None and rounding == "nearest":
+        return x.astype(native).astype(jnp.float32) if x.dtype != native else x.astype(jnp.float32)
+    random_bits = None if rounding == "nearest" else _random_bits(key, x.shape)
+    return round_to_element(x.astype(jnp.float32), fmt.element, rounding=rounding,
+                            random_bits=random_bits, saturate=native is None)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("values", "scales", "tensor_scale"),
+                   meta_fields=("fmt", "axis", "block_shape", "dtype"))
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A quantized array: element codes plus the scales that decode them.
+
+    Attributes:
+      values: the elements, shaped like the original array: ``float8_e4m3fn`` / ``float8_e5m2``
+        for fp8 elements, ``uint8`` bit codes for other float elements (fp6, fp4, any ExMy),
+        ``int8`` for integer, ternary and binary elements, ``bfloat16`` / ``float16`` for casts.
+      scales: one scale per group, shaped like the original array with each axis divided by its
+        block side (rounded up; so ``scales.ndim == values.ndim``): ``float8_e8m0fnu`` (MX),
+        ``float8_e4m3fn`` (NVFP4), ``uint8`` codes (UE5M3), ``float32`` or ``bfloat16``; None for casts.
+      tensor_scale: float32 of shape ``(1,) * ndim`` for two-level formats (NVFP4), else None.
+      fmt: the :class:`~qjax.formats.Format` (static).
+      axis: the quantized axis, as a negative index so leading batch axes (vmap) keep it valid.
+      block_shape: the group shape the scales were computed over, for the trailing axes.
+      dtype: the dtype of the array that was quantized (the default of :meth:`dequantize`).
+
+    Example:
+      >>> q = quantize(jnp.ones((4, 64)), "mxfp4")
+      >>> q.values.shape, q.scales.shape
+      ((4, 64), (4, 2))
+    """
+
+    values: Array
+    scales: Array | None
+    tensor_scale: Array | None
+    fmt: F.Format
+    axis: int
+    block_shape: tuple[int, ...] | None
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    def dequantize(self, dtype=None) -> Array:
+        """See :func:`dequantize`."""
+        return dequantize(self, dtype)
+
+    def codes(self) -> Integer[Array, "..."]:
+        """The element bit codes as uint32 (for packing), shaped like ``values``."""
+        if self.fmt.scaling is None:
+            return _bits(self.values) if self.values.dtype == jnp.float32 else \
+                lax.bitcast_convert_type(self.values, jnp.uint16).astype(jnp.uint32)
+        if self.values.dtype == jnp.int8:
+            return encode(self.values.astype(jnp.float32) * 2.0**-_fraction_bits(self.fmt.element),
+                          self.fmt.element)
+        if self.values.dtype != jnp.uint8:
+            return lax.bitcast_convert_type(self.values, jnp.uint8).astype(jnp.uint32)
+        return self.values.astype(jnp.uint32)
+
+    @property
+    def nbytes_packed(self) -> int:
+        """Bytes of the packed storage (:meth:`pack`): element bits, scales and tensor scale."""
+        return PackedQArray.storage_bytes(self)
+
+    def pack(self) -> "PackedQArray":
+        """Packs the elements into real low-bit storage; :meth:`PackedQArray.unpack` inverts it."""
+        return pack(self)
+
+
+def _fraction_bits(element):
+    return element.fraction_bits if isinstance(element, F.IntEncoding) else 0
+
+
+def _element_storage(elements, element: F.ElementEncoding):
+    """Stored element values from on-grid float32 values."""
+    if isinstance(element, (F.IntEncoding, F.BinaryEncoding)):
+        return jnp.round(elements * 2.0**_fraction_bits(element)).astype(jnp.int8)
+    code = encode(elements, element)
+    if element.bits > 8:
+        return code.astype(jnp.uint16)
+    code = code.astype(jnp.uint8)
+    if element == F.E4M3_ELEM:
+        return lax.bitcast_convert_type(code, jnp.float8_e4m3fn)
+    if element == F.E5M2_ELEM:
+        return lax.bitcast_convert_type(code, jnp.float8_e5m2)
+    return code
+
+
+def _element_values(stored, element: F.ElementEncoding):
+    if isinstance(element, (F.IntEncoding, F.BinaryEncoding)):
+        return stored.astype(jnp.float32) * np.float32(2.0**-_fraction_bits(element))
+    if stored.dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+        stored = lax.bitcast_convert_type(stored, jnp.uint8)
+    return decode(stored, element)
+
+
+def _prepare(x, fmt, axis, rounding, key, scale_mode):
+    x = jnp.asarray(x)
+    fmt = F.get(fmt)
+    _check_arguments(x, fmt, rounding, key, scale_mode)
+    if x.ndim == 0:
+        raise ValueError("quantize needs an array of rank >= 1; got a scalar.")
+    return x, fmt, _normalize_axis(axis, x.ndim)
+
+
+def quantize(x: Float[Array, "..."], fmt: F.FormatLike, *, axis: int = -1,
+             rounding: Rounding = "nearest", key: Key[Array, ""] | None = None,
+             scale_mode: ScaleMode = "floor") -> QArray:
+    """Quantizes ``x`` to ``fmt``.
+
+    Args:
+      x: a float32, bfloat16 or float16 array.
+      fmt: a format name (``qjax.formats.names()``) or a :class:`~qjax.formats.Format`.
+      axis: the axis the blocks run along (the contraction axis of a matmul operand); for 2-D
+        tile formats, one of the last two axes.
+      rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased; needs ``key``).
+      key: a JAX PRNG key, required for stochastic rounding.
+      scale_mode: ``"floor"`` (OCP MX) or ``"rceil"`` (NVIDIA); only for E8M0 scales.
+
+    Returns:
+      A :class:`QArray`.
+
+    Example:
+      >>> x = jax.random.normal(jax.random.key(0), (8, 64))
+      >>> q = quantize(x, "mxfp4")
+      >>> q.values.dtype, q.scales.dtype
+      (dtype('uint8'), dtype(float8_e8m0fnu))
+    """
+    x, fmt, axis = _prepare(x, fmt, axis, rounding, key, scale_mode)
+    return _quantize_jit(x, fmt, axis, rounding, key, scale_mode)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
+def _quantize_jit(x, fmt, axis, rounding, key, scale_mode):
+    if fmt.scaling is None:
+        values = _cast_format(x, fmt, rounding, key)
+        stored = values.astype(fmt.native_dtype) if fmt.native_dtype is not None else \
+            _element_storage(values, fmt.element)
+        return QArray(stored, None, None, fmt, axis - x.ndim, None, x.dtype)
+    elements, _, scales, tensor_scale, block_shape, padded = _quantize_core(
+        x, fmt, axis, rounding, key, scale_mode)
+    values = _element_storage(_crop(elements, padded, x.shape), fmt.element)
+    return QArray(values, scales, tensor_scale, fmt, axis - x.ndim, block_shape, x.dtype)
+
+
+def dequantize(q: QArray, dtype=None) -> Array:
+    """Decodes a :class:`QArray` back to a dense array.
+
+    Args:
+      q: the quantized array.
+      dtype: output dtype; defaults to the dtype that was quantized.
+
+    Returns:
+      ``values * scales`` (and ``* tensor_scale``), shaped like the original array.
+
+    Example:
+      >>> x = jnp.linspace(-1, 1, 64).reshape(2, 32)
+      >>> bool(jnp.all(dequantize(quantize(x, "mxfp8")) == fake_quant(x, "mxfp8")))
+      True
+    """
+    return _dequantize_jit(q, jnp.dtype(q.dtype if dtype is None else dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize_jit(q: QArray, dtype):
+    fmt = q.fmt
+    if fmt.scaling is None:
+        if fmt.native_dtype is not None:
+            return q.values.astype(dtype)
+        return _element_values(q.values, fmt.element).astype(dtype)
+    elements = _element_values(q.values, fmt.element)
+    batch = (1,) * (q.ndim - len(q.block_shape))
+    grouped, padded = _group_view(elements, batch + tuple(q.block_shape))
+    divisor = _decode_scale(q.scales, fmt.scaling.scale)
+    if q.tensor_scale is not None:
+        divisor = divisor * q.tensor_scale
+    divisor = divisor.reshape([d for s in divisor.shape for d in (s, 1)])
+    out = _apply_scale(grouped, divisor, fmt.scaling.scale.power_of_two)
+    return _crop(out, padded, q.shape).astype(dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 5))
+def _fake_quant(x, fmt, axis, rounding, key, scale_mode):
+    return _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
+def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode):
+    if fmt.scaling is None:
+        return _cast_format(x, fmt, rounding, key).astype(x.dtype)
+    elements, divisor, _, _, _, padded = _quantize_core(x, fmt, axis, rounding, key, scale_mode)
+    out = _apply_scale(elements, divisor, fmt.scaling.scale.power_of_two)
+    return _crop(out, padded, x.shape).astype(x.dtype)
+
+
+@_fake_quant.defjvp
+def _fake_quant_jvp(fmt, axis, rounding, scale_mode, primals, tangents):
+    x, key = primals
+    x_dot, _ = tangents
+    return _fake_quant(x, fmt, axis, rounding, key, scale_mode), x_dot
+
+
+def fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, *, axis: int = -1,
+               rounding: Rounding = "nearest", key: Key[Array, ""] | None = None,
+               scale_mode: ScaleMode = "floor") -> Float[Array, "..."]:
+    """Quantizes and dequantizes ``x`` in one step: ``dequantize(quantize(x, ...))`` in x's dtype.
+
+    Its derivative is the straight-through estimator (identity): ``grad`` passes the cotangent
+    through unchanged. Other gradient rules are in :mod:`qjax.estimators`.
+
+    Args: as :func:`quantize`.
+
+    Returns:
+      An array of ``x``'s shape and dtype holding the values ``fmt`` can represent.
+
+    Example:
+      >>> fake_quant(jnp.array([0.3, 1.0, 2.6, 5.0]), "mxfp4")  # scale 1; 5 ties to even 4
+      Array([0.5, 1. , 3. , 4. ], dtype=float32)
+    """
+    x, fmt, axis = _prepare(x, fmt, axis, rounding, key, scale_mode)
+    return _fake_quant(x, fmt, axis, rounding, key, scale_mode)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_bits(codes: Integer[Array, "... n"], bits: int) -> Integer[Array, "... m"]:
+    """Packs ``bits``-bit codes along the last axis into bytes, little-endian bit order (value i
+    occupies stream bits [i*bits, (i+1)*bits): two fp4 per byte low nibble first; four fp6 in
+    three bytes). The stream is zero-padded to whole bytes."""
+    codes = codes.astype(jnp.uint32)
+    planes = (codes[..., None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
+    stream = planes.reshape(*codes.shape[:-1], codes.shape[-1] * bits)
+    pad = -stream.shape[-1] % 8
+    if pad:
+        stream = jnp.pad(stream, [(0, 0)] * (stream.ndim - 1) + [(0, pad)])
+    stream = stream.reshape(*stream.shape[:-1], -1, 8)
+    return jnp.sum(stream << jnp.arange(8, dtype=jnp.uint32), axis=-1).astype(jnp.uint8)
+
+
+def unpack_bits(packed: Integer[Array, "... m"], bits: int, n: int) -> Integer[Array, "... n"]:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes (uint32) of each row."""
+    planes = (packed.astype(jnp.uint32)[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1
+    stream = planes.reshape(*packed.shape[:-1], -1)[..., : n * bits]
+    stream = stream.reshape(*packed.shape[:-1], n, bits)
+    return jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=-1)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("data", "scales", "tensor_scale"),
+                   meta_fields=("fmt", "axis", "block_shape", "dtype", "shape"))
+@dataclasses.dataclass(frozen=True)
+class PackedQArray:
+    """A :class:`QArray` whose elements are packed ``bits`` per value along the last axis."""
+
+    data: Array
+    scales: Array | None
+    tensor_scale: Array | None
+    fmt: F.Format
+    axis: int
+    block_shape: tuple[int, ...] | None
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def storage_bytes(q: QArray) -> int:
+        rows = math.prod(q.shape[:-1])
+        total = rows * -(-q.shape[-1] * q.fmt.element.bits // 8)
+        for extra in (q.scales, q.tensor_scale):
+            if extra is not None:
+                total += extra.size * extra.dtype.itemsize
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.data, self.scales, self.tensor_scale)
+                   if a is not None)
+
+    def unpack(self) -> QArray:
+        """The :class:`QArray` this was packed from, exactly."""
+        return unpack(self)
+
+
+def pack(q: QArray) -> PackedQArray:
+    """Packs ``q``'s elements into ``element.bits`` bits each (see :func:`pack_bits`)."""
+    bits = q.fmt.element.bits
+    data = pack_bits(q.codes(), bits)
+    return PackedQArray(data, q.scales, q.tensor_scale, q.fmt, q.axis, q.block_shape, q.dtype, q.shape)
+
+
+def unpack(p: PackedQArray) -> QArray:
+    """Inverse of :func:`pack`."""
+    element = p.fmt.element
+    codes = unpack_bits(p.data, element.bits, p.shape[-1])
+    if p.fmt.scaling is None:
+        native = p.fmt.native_dtype
+        if native is None:
+            values = _element_storage(decode(codes, element), element)
+        else:
+            values = lax.bitcast_convert_type(codes.astype(jnp.uint16), native)
+    else:
+        values = _element_storage(decode(codes, element), element)
+    return QArray(values, p.scales, p.tensor_scale, p.fmt, p.axis, p.block_shape, p.dtype)
