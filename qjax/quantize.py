@@ -87,41 +87,77 @@ def _floor_log2(abs_bits):
     return exponent + lead - 23
 
 
-def _round_magnitude(abs_bits, step_exponent, rounding, random_bits, exponent_offset):
-    """Rounds |x| * 2**-exponent_offset (|x| as float32 bit patterns) to a multiple of
-    2**step_exponent: nearest-even, or stochastic (up with probability (distance to the lower
-    multiple) / step, from the low bits of ``random_bits``). Returns float32."""
-    exponent, significand = _exponent_and_mantissa(abs_bits)
-    # |x| * 2**-offset = significand * 2**(exponent - offset - 23); the step is 2**step_exponent.
-    shift = step_exponent - (exponent - exponent_offset - 23)
-    already_on_grid = shift <= 0
-    # Beyond 31 bits the value is far below half a step; keep the 31 top bits (SR bias < 2**-31 step).
-    extra = jnp.clip(shift - 31, 0, 31).astype(jnp.uint32)
-    significand = significand >> extra
-    shift = jnp.clip(shift, 1, 31).astype(jnp.uint32)
-    k = significand >> shift
-    mask = (jnp.uint32(1) << shift) - 1
-    remainder = significand & mask
-    if rounding == "nearest":
-        half = jnp.uint32(1) << (shift - 1)
-        up = (remainder > half) | ((remainder == half) & ((k & 1) == 1))
+def _power_of_two_bits(exponent):
+    """float32 bit patterns of 2**exponent (subnormal below 2**-126, 0 below 2**-149)."""
+    exponent = jnp.asarray(exponent, jnp.int32)
+    normal = (jnp.clip(exponent + 127, 1, 254).astype(jnp.uint32)) << 23
+    subnormal = jnp.where(exponent < -149, jnp.uint32(0),
+                          jnp.uint32(1) << jnp.clip(exponent + 149, 0, 31).astype(jnp.uint32))
+    return jnp.where(exponent >= -126, normal, subnormal)
+
+
+def _round_scaled(x, element, scale_exponent, rounding, random_bits, saturate=True):
+    """The value of the grid ``element * 2**scale_exponent`` nearest to float32 ``x``, as float32.
+
+    Works on the bit pattern of ``x``: rounding it to a multiple of the grid step is clearing its low
+    bits (a carry into the exponent field is the move to the next binade), so no float arithmetic
+    is involved and nothing is flushed. Steps larger than x itself (the grid's subnormal region)
+    round to 0 or to one step. Stochastic rounding adds uniform random low bits before clearing.
+    """
+    b = _bits(x)
+    sign, a = b & _SIGN, b & _ABS
+    is_nan = a > 0x7F800000
+    a = jnp.minimum(a, 0x7F800000)
+    biased = (a >> 23).astype(jnp.int32)
+    ulp_exponent = jnp.maximum(biased, 1) - 150  # exponent of the last bit of x's significand
+    if isinstance(element, F.IntEncoding):
+        step_exponent = scale_exponent - element.fraction_bits
     else:
-        up = (random_bits & mask) < remainder
-    rounded = _compose(k + up.astype(jnp.uint32), step_exponent)
-    return jnp.where(already_on_grid, _times_power_of_two(_from_bits(abs_bits), -exponent_offset),
-                     rounded)
+        lowest = element.emin + scale_exponent
+        step_exponent = jnp.maximum(_floor_log2(a), lowest) - element.mantissa_bits
+    step_exponent = jnp.broadcast_to(step_exponent, a.shape)
+    shift = step_exponent - ulp_exponent  # low bits of x that the grid cannot hold
+    in_binade = jnp.clip(shift, 1, 23).astype(jnp.uint32)
+    mask = (jnp.uint32(1) << in_binade) - 1
+    significand = jnp.where(biased > 0, (a & 0x7FFFFF) | 0x800000, a)
+    if rounding == "nearest":
+        half = jnp.uint32(1) << (in_binade - 1)
+        remainder = a & mask
+        odd = ((significand >> in_binade) & 1) == 1  # the implicit bit when shift == 23
+        up = (remainder > half) | ((remainder == half) & odd)
+        cleared = (a & ~mask) + jnp.where(up, mask + 1, jnp.uint32(0))
+        # Below the grid's first step q: q if x > q/2, else 0 (a tie goes to the even 0).
+        below = jnp.where(a > _power_of_two_bits(step_exponent - 1),
+                          _power_of_two_bits(step_exponent), jnp.uint32(0))
+    else:
+        cleared = (a + (random_bits & mask)) & ~mask
+        # Up to one step with probability x / q = significand / 2**shift.
+        wide = jnp.clip(shift, 1, 31).astype(jnp.uint32)
+        extra = jnp.clip(shift - 31, 0, 31).astype(jnp.uint32)  # bias below 2**-31 of a step
+        up = (random_bits & ((jnp.uint32(1) << wide) - 1)) < (significand >> extra)
+        below = jnp.where(up, _power_of_two_bits(step_exponent), jnp.uint32(0))
+    out = jnp.where(shift <= 0, a, jnp.where(shift <= 23, cleared, below))
+    limit = _bits(_times_power_of_two(np.float32(element.max), scale_exponent))
+    limit = jnp.broadcast_to(limit, a.shape)
+    if saturate or not isinstance(element, F.FloatEncoding) or element.specials == "none":
+        out = jnp.minimum(out, limit)
+    else:
+        overflow = jnp.uint32(0x7F800000 if element.has_inf else _F32_NAN_BITS)
+        out = jnp.where(out > limit, overflow, out)
+    if isinstance(element, F.IntEncoding):
+        sign = jnp.where(out == 0, jnp.uint32(0), sign)  # integers have no -0
+    has_nan = isinstance(element, F.FloatEncoding) and element.has_nan
+    out = jnp.where(is_nan, jnp.uint32(_F32_NAN_BITS if has_nan else 0), out | sign)
+    return _from_bits(out)
 
 
 def round_to_element(y: Float[Array, "..."], element: F.ElementEncoding, *,
-                     rounding: Rounding = "nearest", random_bits=None, saturate: bool = True,
-                     exponent_offset=0) -> Float[Array, "..."]:
-    """Rounds float32 ``y * 2**-exponent_offset`` to the nearest value of ``element`` (values, not
-    codes).
+                     rounding: Rounding = "nearest", random_bits=None,
+                     saturate: bool = True) -> Float[Array, "..."]:
+    """Rounds float32 ``y`` to the nearest value of ``element`` (values, not codes).
 
     Args:
-      y: values (already divided by any non-power-of-two scale).
-      exponent_offset: integer (array) exponent of a power-of-two scale to divide by, applied
-        exactly on the bit pattern (no float division, so subnormals are never flushed).
+      y: values already divided by their scale.
       element: the element encoding.
       rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (needs ``random_bits``, uint32 of
         ``y``'s shape).
@@ -136,35 +172,20 @@ def round_to_element(y: Float[Array, "..."], element: F.ElementEncoding, *,
       Array([2., 4., 6.], dtype=float32)
     """
     y = y.astype(jnp.float32)
-    b = _bits(y)
-    sign, abs_bits = b & _SIGN, b & _ABS
-    is_nan = abs_bits > 0x7F800000
     if isinstance(element, F.BinaryEncoding):
-        if rounding == "nearest":
-            positive = (sign == 0) | (abs_bits == 0)
-        else:
-            y = _times_power_of_two(y, -exponent_offset)
-            positive = (random_bits >> 8).astype(jnp.float32) * 2.0**-24 < (1 + jnp.clip(y, -1, 1)) / 2
-        return jnp.where(positive, 1.0, -1.0).astype(jnp.float32)
-    if isinstance(element, F.IntEncoding):
-        step_exponent = jnp.int32(-element.fraction_bits)
-        has_nan = False
+        return _round_binary(y, rounding, random_bits)
+    return _round_scaled(y, element, 0, rounding, random_bits, saturate)
+
+
+def _round_binary(y, rounding, random_bits):
+    """±1: +1 for y >= 0 (either zero), or stochastically with P(+1) = (1 + clip(y, -1, 1)) / 2."""
+    if rounding == "nearest":
+        b = _bits(y)
+        positive = ((b & _SIGN) == 0) | ((b & _ABS) == 0)
     else:
-        step_exponent = (jnp.maximum(_floor_log2(abs_bits) - exponent_offset, element.emin)
-                         - element.mantissa_bits)
-        has_nan = element.has_nan
-    magnitude = _round_magnitude(jnp.minimum(abs_bits, 0x7F800000), step_exponent, rounding,
-                                 random_bits, exponent_offset)
-    max_value = np.float32(element.max)
-    if saturate or isinstance(element, F.IntEncoding) or not (element.has_inf or element.has_nan):
-        magnitude = jnp.minimum(magnitude, max_value)
-    else:
-        overflow = np.float32(np.inf) if element.has_inf else np.float32(np.nan)
-        magnitude = jnp.where(magnitude > max_value, overflow, magnitude)
-    if isinstance(element, F.IntEncoding):
-        sign = jnp.where(magnitude == 0, jnp.uint32(0), sign)  # integers have no -0
-    out = _from_bits(_bits(magnitude) | sign)
-    return jnp.where(is_nan, np.float32(np.nan) if has_nan else np.float32(0), out)
+        uniform = (random_bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+        positive = uniform < (1 + jnp.clip(y, -1, 1)) * np.float32(0.5)
+    return jnp.where(positive, np.float32(1), np.float32(-1))
 
 
 # --------------------------------------------------------------------------- codes
@@ -276,10 +297,10 @@ def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale):
     if tensor_scale is not None:
         target = target * (1 / tensor_scale)
     if encoding.name in ("fp32", "bf16"):
-        stored = target.astype(jnp.float32 if encoding.name == "fp32" else jnp.bfloat16)
-        value = stored.astype(jnp.float32)
+        value = target if encoding.name == "fp32" else \
+            round_to_element(target, F.get("bf16").element, saturate=False)
         value = jnp.where(finite, jnp.where(value > 0, value, np.float32(1)), nan)
-        return value, value.astype(stored.dtype)
+        return value, value.astype(jnp.float32 if encoding.name == "fp32" else jnp.bfloat16)
     grid = encoding.float_encoding
     value = round_to_element(jnp.where(finite, target, nan), grid)
     code = encode(value, grid).astype(jnp.uint8)
@@ -385,8 +406,8 @@ def _random_bits(key, shape):
 
 
 def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode):
-    """Returns (on-grid element values, divisor (see _scale_from_stat), stored scales, tensor
-    scale, block shape, padded shape); element values and divisor on the padded grouped view."""
+    """Returns (element values, dequantized values, stored scales, tensor scale, block shape,
+    padded shape); element and dequantized values (float32) on the padded grouped view."""
     x32 = x.astype(jnp.float32)
     scaling = fmt.scaling
     block_shape = scaling.granularity.block_shape(x.shape, axis)
@@ -401,18 +422,30 @@ def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode):
     grouped_tensor_scale = None if tensor_scale is None else tensor_scale.reshape((1, 1) * x.ndim)
     divisor, stored = _scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale)
     random_bits = None if rounding == "nearest" else _random_bits(key, grouped.shape)
+    nan = np.float32(np.nan)
     if scaling.scale.power_of_two:
-        elements = round_to_element(grouped, fmt.element, rounding=rounding,
-                                    random_bits=random_bits, exponent_offset=jnp.minimum(divisor, 127))
-        elements = jnp.where(divisor > 127, np.float32(np.nan), elements)
+        exponent = jnp.minimum(divisor, 127)
+        if isinstance(fmt.element, F.BinaryEncoding):
+            elements = _round_binary(_times_power_of_two(grouped, -exponent), rounding, random_bits)
+            dequantized = _times_power_of_two(elements, exponent)
+        else:  # rounded in place (the dequantized value directly), and in the element domain
+            # (the dequantized value can overflow float32 where the element does not); jit keeps
+            # only the one its caller uses.
+            dequantized = _round_scaled(grouped, fmt.element, exponent, rounding, random_bits)
+            elements = _round_scaled(_times_power_of_two(grouped, -exponent), fmt.element, 0,
+                                     rounding, random_bits)
+        elements = jnp.where(divisor > 127, nan, elements)
+        dequantized = jnp.where(divisor > 127, nan, dequantized)
     else:
         # Multiply by the reciprocal computed once per group: XLA rewrites a division by a
         # broadcast into exactly this, so spelling it out keeps jit and eager bit-identical.
         reciprocal = jnp.where(divisor == 0, np.float32(0), 1 / jnp.where(divisor == 0, 1, divisor))
-        scaled = grouped * reciprocal
-        elements = round_to_element(scaled, fmt.element, rounding=rounding, random_bits=random_bits)
+        elements = round_to_element(grouped * reciprocal, fmt.element, rounding=rounding,
+                                    random_bits=random_bits)
+        dequantized = elements * divisor
     scale_shape = tuple(p // b for p, b in zip(padded, block_shape))
-    return elements, divisor, stored.reshape(scale_shape), tensor_scale, block_shape, padded
+    return (elements, dequantized, stored.reshape(scale_shape), tensor_scale, block_shape,
+            padded)
 
 
 def _crop(grouped, padded_shape, shape):
@@ -423,13 +456,11 @@ def _crop(grouped, padded_shape, shape):
 
 
 def _cast_format(x, fmt, rounding, key):
-    """Unscaled float formats (bf16, fp16, or any ExMy without scaling)."""
-    native = fmt.native_dtype
-    if native is not None and rounding == "nearest":
-        return x.astype(native).astype(jnp.float32) if x.dtype != native else x.astype(jnp.float32)
+    """Unscaled float formats (bf16, fp16, or any ExMy without scaling), rounded on bits: a
+    ``convert`` round trip would do for nearest rounding, but XLA on GPU may remove it."""
     random_bits = None if rounding == "nearest" else _random_bits(key, x.shape)
     return round_to_element(x.astype(jnp.float32), fmt.element, rounding=rounding,
-                            random_bits=random_bits, saturate=native is None)
+                            random_bits=random_bits, saturate=fmt.native_dtype is None)
 
 
 # --------------------------------------------------------------------------- public API
@@ -624,9 +655,8 @@ def _fake_quant(x, fmt, axis, rounding, key, scale_mode):
 def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode):
     if fmt.scaling is None:
         return _cast_format(x, fmt, rounding, key).astype(x.dtype)
-    elements, divisor, _, _, _, padded = _quantize_core(x, fmt, axis, rounding, key, scale_mode)
-    out = _apply_scale(elements, divisor, fmt.scaling.scale.power_of_two)
-    return _crop(out, padded, x.shape).astype(x.dtype)
+    _, dequantized, _, _, _, padded = _quantize_core(x, fmt, axis, rounding, key, scale_mode)
+    return _crop(dequantized, padded, x.shape).astype(x.dtype)
 
 
 @_fake_quant.defjvp
