@@ -80,6 +80,33 @@ def _times_power_of_two(v, exponent):
     return _from_bits(_bits(out) | sign)
 
 
+def _reciprocal(d):
+    """Correctly rounded float32 ``1 / d`` for positive ``d``, by integer long division: float
+    division is not correctly rounded on every backend (XLA on GPU differs from IEEE by an ulp at
+    times). NaN -> NaN, +Inf -> 0; results beyond float32 range become +Inf."""
+    abs_bits = _bits(d) & _ABS
+    exponent, significand = _exponent_and_mantissa(abs_bits)
+    lead = 31 - lax.clz(significand).astype(jnp.int32)
+    significand = significand << jnp.clip(23 - lead, 0, 31).astype(jnp.uint32)  # normalise
+    exponent = exponent + lead - 23
+    # 1/d = 2**47 / significand * 2**(-24 - exponent); quotient of 2**47 (<= 25 bits) bit by bit.
+    quotient = jnp.zeros_like(significand)
+    remainder = jnp.full_like(significand, 1 << 23)
+    for _ in range(25):
+        bit = remainder >= significand
+        remainder = jnp.where(bit, remainder - significand, remainder)
+        quotient = (quotient << 1) | bit.astype(jnp.uint32)
+        remainder = remainder << 1
+    # remainder now holds 2 * (true remainder): round half up; exact halves cannot occur.
+    quotient = quotient + (remainder > significand).astype(jnp.uint32)
+    out_exponent = -24 - exponent
+    out = _compose(quotient, out_exponent)
+    out = jnp.where(out_exponent + 31 - lax.clz(quotient).astype(jnp.int32) > 127,
+                    np.float32(np.inf), out)
+    out = jnp.where(abs_bits == 0x7F800000, np.float32(0), out)
+    return jnp.where(abs_bits > 0x7F800000, np.float32(np.nan), out)
+
+
 def _floor_log2(abs_bits):
     """floor(log2(|x|)) of positive finite float32 magnitudes (bit patterns), subnormals included."""
     exponent, significand = _exponent_and_mantissa(abs_bits)
@@ -293,9 +320,9 @@ def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale):
         return jnp.where(finite, exponent, 128), lax.bitcast_convert_type(code, jnp.float8_e8m0fnu)
     # Divisions by constants are written as products with the float32 reciprocal: XLA rewrites
     # them so under jit, and one spelling keeps eager, jit and every backend bit-identical.
-    target = stat if scaling.statistic == "absmean" else stat * _reciprocal(element.max)
+    target = stat if scaling.statistic == "absmean" else stat * _constant_reciprocal(element.max)
     if tensor_scale is not None:
-        target = target * (1 / tensor_scale)
+        target = target * _reciprocal(tensor_scale)
     if encoding.name in ("fp32", "bf16"):
         value = target if encoding.name == "fp32" else \
             round_to_element(target, F.get("bf16").element, saturate=False)
@@ -310,7 +337,7 @@ def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale):
     return value, stored
 
 
-def _reciprocal(value: float) -> np.float32:
+def _constant_reciprocal(value: float) -> np.float32:
     return np.float32(1) / np.float32(value)
 
 
@@ -344,7 +371,7 @@ def _absmax(x, axes):
 def _tensor_scale(x, fmt: F.Format):
     """The NVFP4-style FP32 second-level scale amax / (element.max * scale.max), shape (1,)*ndim."""
     amax = _absmax(x, tuple(range(x.ndim)))
-    scale = amax * _reciprocal(fmt.element.max * fmt.scaling.scale.float_encoding.max)
+    scale = amax * _constant_reciprocal(fmt.element.max * fmt.scaling.scale.float_encoding.max)
     scale = jnp.where(amax > 0, scale, np.float32(1))
     return jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))
 
@@ -437,9 +464,9 @@ def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode):
         elements = jnp.where(divisor > 127, nan, elements)
         dequantized = jnp.where(divisor > 127, nan, dequantized)
     else:
-        # Multiply by the reciprocal computed once per group: XLA rewrites a division by a
-        # broadcast into exactly this, so spelling it out keeps jit and eager bit-identical.
-        reciprocal = jnp.where(divisor == 0, np.float32(0), 1 / jnp.where(divisor == 0, 1, divisor))
+        # Multiply by the reciprocal computed once per group (XLA rewrites a division by a
+        # broadcast into that anyway), correctly rounded on every backend.
+        reciprocal = jnp.where(divisor == 0, np.float32(0), _reciprocal(divisor))
         elements = round_to_element(grouped * reciprocal, fmt.element, rounding=rounding,
                                     random_bits=random_bits)
         dequantized = elements * divisor

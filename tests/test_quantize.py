@@ -445,3 +445,15 @@ def test_clear_errors():
         qjax.quantize(jnp.ones((64,)), tile)
     with pytest.raises(ValueError, match="rank >= 1"):
         qjax.quantize(jnp.float32(1.0), "mxfp4")
+
+
+def test_reciprocal_is_correctly_rounded():
+    from qjax.quantize import _reciprocal  # float division is not correctly rounded on every GPU
+
+    rng = np.random.default_rng(15)
+    d = np.concatenate([np.exp2(rng.uniform(-149, 128, 100000)),
+                        [1.0, 2.0, 3.0, 6.0, 2688.0, 2.0**-126, 7e-39, 1e-45, 3e38, np.inf, np.nan]])
+    d = d.astype(np.float32)
+    with np.errstate(all="ignore"):
+        expected = np.float32(1) / d
+    assert_bitwise_equal(jax.jit(_reciprocal)(jnp.asarray(d)), expected)
