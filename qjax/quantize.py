@@ -90,17 +90,26 @@ def _reciprocal(d):
     significand = significand << jnp.clip(23 - lead, 0, 31).astype(jnp.uint32)  # normalise
     exponent = exponent + lead - 23
     # 1/d = 2**47 / significand * 2**(-24 - exponent); quotient of 2**47 (<= 25 bits) bit by bit.
-    quotient = jnp.zeros_like(significand)
-    remainder = jnp.full_like(significand, 1 << 23)
-    for _ in range(25):
+    # Unrolled, the chain fuses into its neighbours on the GPU; XLA's CPU compiler takes minutes on
+    # it for some shapes, so there it is a loop of 5 x 5 steps.
+    def step(_, carry):
+        quotient, remainder = carry
         bit = remainder >= significand
         remainder = jnp.where(bit, remainder - significand, remainder)
-        quotient = (quotient << 1) | bit.astype(jnp.uint32)
-        remainder = remainder << 1
+        return (quotient << 1) | bit.astype(jnp.uint32), remainder << 1
+
+    quotient, remainder = lax.fori_loop(
+        0, 25, step, (jnp.zeros_like(significand), jnp.full_like(significand, 1 << 23)),
+        unroll=5 if jax.default_backend() == "cpu" else True)
     # remainder now holds 2 * (true remainder): round half up; exact halves cannot occur.
-    quotient = quotient + (remainder > significand).astype(jnp.uint32)
+    rounded = quotient + (remainder > significand).astype(jnp.uint32)
     out_exponent = -24 - exponent
-    out = _compose(quotient, out_exponent)
+    out = _compose(rounded, out_exponent)
+    # A subnormal result is rounded once, from the truncated quotient and a sticky bit (rounding
+    # the already rounded quotient again would round twice).
+    sticky = (quotient << 1) | (remainder != 0).astype(jnp.uint32)
+    out = jnp.where(_bits(out) < 0x800000, _compose(sticky, out_exponent - 1), out)
+    quotient = rounded
     out = jnp.where(out_exponent + 31 - lax.clz(quotient).astype(jnp.int32) > 127,
                     np.float32(np.inf), out)
     out = jnp.where(abs_bits == 0x7F800000, np.float32(0), out)
@@ -680,10 +689,29 @@ def _fake_quant(x, fmt, axis, rounding, key, scale_mode):
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
 def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode):
+    if _fused_kernel_applies(x, fmt, axis):
+        from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
+
+        return kernel.fake_quant_pallas(x, fmt, rounding=rounding, key=key, scale_mode=scale_mode)
     if fmt.scaling is None:
         return _cast_format(x, fmt, rounding, key).astype(x.dtype)
     _, dequantized, _, _, _, padded = _quantize_core(x, fmt, axis, rounding, key, scale_mode)
     return _crop(dequantized, padded, x.shape).astype(x.dtype)
+
+
+def _fused_kernel_applies(x, fmt, axis) -> bool:
+    """Whether ``fake_quant`` runs as the one-pass Pallas kernel (``qjax.pallas.fake_quant``, bit
+    identical): on a single GPU, for E8M0-scaled block formats along a last axis whose length the
+    block divides. Elsewhere XLA's two passes (block amax, then rounding) run: on a GPU the
+    float-scaled formats (NVFP4, int4) gain too little from the kernel (docs/benchmarks.md), and a
+    kernel on arrays sharded over several devices needs a ``shard_map`` around it."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+        return False
+    from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
+
+    return (kernel.supports(fmt) and fmt.scaling.scale.power_of_two and x.ndim >= 1
+            and x.size > 0 and x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+            and axis in (-1, x.ndim - 1) and x.shape[-1] % fmt.block_size == 0)
 
 
 @_fake_quant.defjvp
@@ -698,8 +726,9 @@ def fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, *, axis: int = -1,
                scale_mode: ScaleMode = "floor") -> Float[Array, "..."]:
     """Quantizes and dequantizes ``x`` in one step: ``dequantize(quantize(x, ...))`` in x's dtype.
 
-    Its derivative is the straight-through estimator (identity): ``grad`` passes the cotangent
-    through unchanged. Other gradient rules are in :mod:`qjax.estimators`.
+    Its derivative is the straight-through estimator, an explicit choice: ``grad`` and ``jvp`` pass
+    the (co)tangent through unchanged, as if the quantizer were the identity. Clipped, trust-region
+    and other estimators build on the non-differentiable quantizer separately.
 
     Args: as :func:`quantize`.
 

@@ -1,0 +1,582 @@
+"""Fused fake quantization for block-scaled formats: one Pallas (Triton) kernel, one pass.
+
+Under XLA, :func:`qjax.fake_quant` of a block format compiles to two passes over the tensor: a
+block-amax reduction, then an elementwise rounding pass that reads the tensor again. Here each
+program loads one ``(block_rows, block_cols)`` tile, reduces the amax of its ``block_cols // B``
+blocks in registers, computes the scales, rounds and writes: the tensor is read once and written
+once.
+
+The tile arrives already split into blocks: the wrapper views ``x`` as ``(rows, K // B, B)`` (a free
+reshape) and the BlockSpec loads a ``(block_rows, block_cols // B, B)`` tile, so the kernel needs no
+in-kernel reshape; the block amax is a reduction over the last axis.
+
+Results are bit-identical to ``qjax.fake_quant(x, fmt, ...)`` (same rules, ``docs/numerics.md``):
+everything is integer arithmetic on float32 bit patterns, as in ``qjax/quantize.py``, with two
+changes that matter for Triton:
+
+* no ``lax.clz``: the leading-one position of an integer below 2**24 is read off the exponent field
+  of its (exact) float32 conversion, see :func:`_lead`;
+* every shift amount is clamped below 32 (Triton's shifts are LLVM's, undefined from 32 on; XLA's
+  are defined, so the interpreter would not notice).
+
+For nearest rounding with E8M0 scales the per-element work is cut down (:func:`_round_nearest`):
+for a normal float32 input ``floor(log2 |x|)`` is the biased exponent field, so the rounding shift
+is ``max(E, L) - max(E, 1) + 23 - m`` with ``L`` a per-block constant, and rounding to nearest
+even is one add and one mask. A float32 *subnormal* input needs its true ``floor(log2)`` only in
+blocks whose scale is at most ``2**(-127 - emin)`` (``L < 0``); tiles holding such a block take an
+exact branch (``lax.cond`` on the tile, uniform across the program, so it costs nothing
+elsewhere). For elements with ``emin >= 0`` (e2m1, e2m3, integers) that branch cannot occur.
+
+Stochastic rounding consumes the same random bits as ``qjax.fake_quant``
+(``jax.random.bits(key, grouped_shape, uint32)``); they are generated outside the kernel by XLA and
+passed in, which costs one extra read of 4 bytes per element (and XLA's generation pass).
+
+Formats: every format whose scaling is ``Block(size)`` with the ``absmax`` statistic along the last
+axis: E8M0 scales (mxfp8, mxfp8_e5m2, mxfp6_*, mxfp4, mxint8, ``formats.float_format``), float
+scales (int4 with bf16 scales, fp32/e4m3/ue5m3 scales), and two-level NVFP4: the tensor amax is a
+separate XLA reduction (it must be known before any block scale), the fused kernel takes the
+tensor scale and its reciprocal as a tiny input.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from qjax import formats as F
+
+__all__ = ["fake_quant_pallas", "supports"]
+
+_ABS = np.uint32(0x7FFFFFFF)
+_SIGN = np.uint32(0x80000000)
+_INF = np.uint32(0x7F800000)
+_NAN = np.uint32(0x7FC00000)
+_MANT = np.uint32(0x7FFFFF)
+_IMPLICIT = np.uint32(0x800000)
+
+DEFAULT_BLOCK_ROWS = 8
+DEFAULT_BLOCK_COLS = 512
+DEFAULT_NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------- bit helpers (kernel-safe)
+
+
+def _bits(x):
+    return lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _from_bits(b):
+    return lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _u32(v):
+    return jnp.asarray(v).astype(jnp.uint32)
+
+
+def _i32(v):
+    return jnp.asarray(v).astype(jnp.int32)
+
+
+def _clip(v, lo, hi):
+    return jnp.minimum(jnp.maximum(v, lo), hi)  # lax.clamp has no Triton lowering
+
+
+def _lead(k):
+    """Position of the leading one bit of uint32 ``k < 2**31`` (``31 - clz(k)``; -1 for k == 0),
+    from the exponent field of its float32 conversion: exact below 2**24; above, the conversion may
+    round up to the next power of two, which the comparison undoes."""
+    lead = _i32(_bits(k.astype(jnp.float32)) >> 23) - 127
+    lead = lead - _i32((np.uint32(1) << _u32(_clip(lead, 0, 31))) > k)
+    return jnp.where(k == 0, -1, lead)
+
+
+def _floor_log2(abs_bits):
+    """floor(log2) of float32 magnitudes given as bit patterns, subnormals included; as
+    ``qjax.quantize._floor_log2`` (which uses clz): NaN/Inf patterns give 128, zero gives -150."""
+    biased = _i32(abs_bits >> 23)
+    return jnp.where(biased > 0, biased - 127, _lead(abs_bits & _MANT) - 149)
+
+
+def _power_of_two_bits(exponent):
+    """float32 bit patterns of 2**exponent (subnormal below 2**-126, 0 below 2**-149)."""
+    exponent = _i32(exponent)
+    normal = _u32(_clip(exponent + 127, 1, 254)) << 23
+    subnormal = jnp.where(exponent < -149, np.uint32(0),
+                          np.uint32(1) << _u32(_clip(exponent + 149, 0, 31)))
+    return jnp.where(exponent >= -126, normal, subnormal)
+
+
+def _compose_const(k: int, exponent):
+    """Bits of ``k * 2**exponent`` for a Python integer ``0 < k < 2**25`` and an int32 array
+    ``exponent``: ``qjax.quantize._compose`` with the leading-bit position known statically."""
+    lead = k.bit_length() - 1
+    exponent = _i32(exponent)
+    biased = exponent + (lead + 127)
+    mantissa = np.uint32(((k << (23 - lead)) if lead <= 23 else (k >> (lead - 23))) & 0x7FFFFF)
+    normal = (_u32(_clip(biased, 0, 255)) << 23) | mantissa
+    kk = np.uint32(k)
+    left = exponent + 149
+    right = _u32(_clip(-left, 1, 31))
+    kept, dropped = kk >> right, kk & ((np.uint32(1) << right) - 1)
+    half = np.uint32(1) << (right - 1)
+    up = (dropped > half) | ((dropped == half) & ((kept & 1) == 1))
+    subnormal = jnp.where(left >= 0, kk << _u32(_clip(left, 0, 31)),
+                          jnp.where(left < -25, np.uint32(0), kept + _u32(up)))
+    return jnp.where(biased >= 1, normal, subnormal)
+
+
+def _limit_bits(element, scale_exponent):
+    """Bits of ``element.max * 2**scale_exponent`` (``_times_power_of_two`` of the constant)."""
+    m = np.float32(element.max).view(np.uint32)
+    biased = int(m >> 23)
+    significand = int(m & 0x7FFFFF) | (0x800000 if biased else 0)
+    return _compose_const(significand, max(biased, 1) - 127 - 23 + scale_exponent)
+
+
+def _reciprocal(d):
+    """``qjax.quantize._reciprocal`` (correctly rounded float32 1/d by integer long division)
+    without clz. Used once per block."""
+    abs_bits = _bits(d) & _ABS
+    biased = _i32(abs_bits >> 23)
+    significand = jnp.where(biased > 0, (abs_bits & _MANT) | _IMPLICIT, abs_bits & _MANT)
+    exponent = jnp.maximum(biased, 1) - 127
+    lead = _lead(significand)
+    significand = significand << _u32(_clip(23 - lead, 0, 31))
+    exponent = exponent + lead - 23
+
+    def step(_, carry):  # one quotient bit; a loop (not unrolled): compiles fast everywhere
+        quotient, remainder = carry
+        bit = remainder >= significand
+        remainder = jnp.where(bit, remainder - significand, remainder)
+        return (quotient << 1) | _u32(bit), remainder << 1
+
+    quotient, remainder = lax.fori_loop(
+        0, 25, step, (jnp.zeros_like(significand), jnp.full_like(significand, 1 << 23)))
+    rounded = quotient + _u32(remainder > significand)
+    out_exponent = -24 - exponent
+    q_lead = _lead(rounded)
+    out = _compose_var(rounded, out_exponent, q_lead)
+    sticky = (quotient << 1) | _u32(remainder != 0)  # subnormal results: round once
+    out = jnp.where(out < np.uint32(0x800000),
+                    _compose_var(sticky, out_exponent - 1, _lead(sticky)), out)
+    out = jnp.where(out_exponent + q_lead > 127, _INF, out)
+    out = jnp.where(abs_bits == _INF, np.uint32(0), out)
+    return _from_bits(jnp.where(abs_bits > _INF, _NAN, out))
+
+
+def _reciprocal_fast(d):
+    """``_reciprocal(d)`` bit for bit, per block, on the GPU: PTX ``rcp.rn.f32`` is the correctly
+    rounded IEEE reciprocal (subnormals kept), which is what ``_reciprocal`` computes wherever the
+    result is a normal number, zero, Inf or NaN (the NaN's payload differs but never reaches the
+    output: every later use is a float multiply, which returns the canonical NaN). For ``d > 2**126``
+    the result is subnormal; tiles holding such a block (only possible with fp32 scales) take the
+    long division, whatever the GPU does with subnormal results."""
+    (fast,) = pltriton.elementwise_inline_asm(
+        "rcp.rn.f32 $0, $1;", args=[d], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(d.shape, jnp.float32)])
+    abs_bits = _bits(d) & _ABS
+    subnormal_result = jnp.max(_u32((abs_bits > np.uint32(0x7E800000)) & (abs_bits < _INF)))
+    return lax.cond(subnormal_result > 0, _reciprocal, lambda d: fast, d)
+
+
+def _compose_var(k, exponent, lead):
+    """``qjax.quantize._compose`` for uint32 ``k`` whose leading-bit position ``lead`` is given."""
+    biased = exponent + lead + 127
+    mantissa = jnp.where(lead <= 23, k << _u32(_clip(23 - lead, 0, 31)),
+                         k >> _u32(_clip(lead - 23, 0, 31))) & _MANT
+    normal = (_u32(_clip(biased, 0, 255)) << 23) | mantissa
+    left = exponent + 149
+    right = _u32(_clip(-left, 1, 31))
+    kept, dropped = k >> right, k & ((np.uint32(1) << right) - 1)
+    half = np.uint32(1) << (right - 1)
+    up = (dropped > half) | ((dropped == half) & ((kept & 1) == 1))
+    subnormal = jnp.where(left >= 0, k << _u32(_clip(left, 0, 31)),
+                          jnp.where(left < -25, np.uint32(0), kept + _u32(up)))
+    out = jnp.where(biased >= 1, normal, subnormal)
+    return jnp.where(k == 0, np.uint32(0), out)
+
+
+# --------------------------------------------------------------------------- element rounding
+
+
+def _round_generic(b, element, scale_exponent, rounding, random_bits, saturate=True):
+    """Bits of ``qjax.quantize._round_scaled(x, element, scale_exponent, ...)`` for float32 bit
+    patterns ``b``: the same computation, written with kernel-safe helpers."""
+    sign, a = b & _SIGN, b & _ABS
+    is_nan = a > _INF
+    a = jnp.minimum(a, _INF)
+    biased = _i32(a >> 23)
+    ulp_exponent = jnp.maximum(biased, 1) - 150
+    if isinstance(element, F.IntEncoding):
+        step_exponent = scale_exponent - element.fraction_bits
+    else:
+        lowest = element.emin + scale_exponent
+        step_exponent = jnp.maximum(_floor_log2(a), lowest) - element.mantissa_bits
+    shift = step_exponent - ulp_exponent
+    in_binade = _u32(_clip(shift, 1, 23))
+    mask = (np.uint32(1) << in_binade) - 1
+    significand = jnp.where(biased > 0, (a & _MANT) | _IMPLICIT, a)
+    if rounding == "nearest":
+        half = np.uint32(1) << (in_binade - 1)
+        remainder = a & mask
+        odd = ((significand >> in_binade) & 1) == 1
+        up = (remainder > half) | ((remainder == half) & odd)
+        cleared = (a & ~mask) + jnp.where(up, mask + 1, np.uint32(0))
+        below = jnp.where(a > _power_of_two_bits(step_exponent - 1),
+                          _power_of_two_bits(step_exponent), np.uint32(0))
+    else:
+        cleared = (a + (random_bits & mask)) & ~mask
+        wide = _u32(_clip(shift, 1, 31))
+        extra = _u32(_clip(shift - 31, 0, 31))
+        up = (random_bits & ((np.uint32(1) << wide) - 1)) < (significand >> extra)
+        below = jnp.where(up, _power_of_two_bits(step_exponent), np.uint32(0))
+    out = jnp.where(shift <= 0, a, jnp.where(shift <= 23, cleared, below))
+    limit = _limit_bits(element, scale_exponent)
+    if saturate or not isinstance(element, F.FloatEncoding) or element.specials == "none":
+        out = jnp.minimum(out, limit)
+    else:
+        overflow = np.uint32(0x7F800000 if element.has_inf else 0x7FC00000)
+        out = jnp.where(out > limit, overflow, out)
+    if isinstance(element, F.IntEncoding):
+        sign = jnp.where(out == 0, np.uint32(0), sign)
+    has_nan = isinstance(element, F.FloatEncoding) and element.has_nan
+    return jnp.where(is_nan, np.uint32(0x7FC00000 if has_nan else 0), out | sign)
+
+
+def _round_nearest(b, element, scale_exponent, *, exact_subnormal, specials):
+    """Round-to-nearest-even of bit patterns ``b`` to ``element * 2**scale_exponent`` (saturating),
+    bit-identical to :func:`_round_generic` with ``rounding="nearest"`` and ``saturate=True``, with
+    fewer operations per element (see the module docstring). ``scale_exponent``: int32 of the
+    per-block shape (or a Python int); everything derived from it alone is per block.
+
+    ``exact_subnormal=False`` is exact unless a float32 subnormal input meets a block with
+    ``emin + scale_exponent < -127``; ``specials=False`` leaves NaN/Inf inputs to the caller (their
+    blocks are NaN anyway for E8M0 scales)."""
+    a = b & _ABS
+    if specials:
+        is_nan = a > _INF
+        a = jnp.minimum(a, _INF)
+    e = _i32(a >> 23)
+    if isinstance(element, F.IntEncoding):
+        step_low = scale_exponent - element.fraction_bits
+        shift = (step_low + 150) - jnp.maximum(e, 1)
+    else:
+        m = element.mantissa_bits
+        lowest = element.emin + scale_exponent
+        step_low = lowest - m
+        e_eff = e
+        if exact_subnormal:  # floor(log2) + 127 of subnormal inputs, from their float conversion
+            e_eff = jnp.where(e > 0, e, _i32(_bits(a.astype(jnp.float32)) >> 23) - 149)
+        shift = jnp.maximum(e_eff, lowest + 127) - jnp.maximum(e, 1) + (23 - m)
+    may_be_exact = exact_subnormal or specials  # shift <= 0 possible
+    sh = _u32(_clip(shift, 1, 23) if may_be_exact else jnp.minimum(shift, 23))
+    mask = (np.uint32(1) << sh) - 1
+    implicit = jnp.where(e > 0, _IMPLICIT, np.uint32(0))
+    odd = ((a | implicit) >> sh) & 1
+    cleared = (a + (mask >> 1) + odd) & ~mask  # ties to even; a carry moves to the next binade
+    below = jnp.where(a > _power_of_two_bits(step_low - 1), _power_of_two_bits(step_low),
+                      np.uint32(0))
+    out = jnp.where(shift <= 23, cleared, below)
+    if may_be_exact:
+        out = jnp.where(shift <= 0, a, out)
+    out = jnp.minimum(out, _limit_bits(element, scale_exponent))
+    sign = b & _SIGN
+    if isinstance(element, F.IntEncoding):
+        sign = jnp.where(out == 0, np.uint32(0), sign)
+    out = out | sign
+    if specials:
+        has_nan = isinstance(element, F.FloatEncoding) and element.has_nan
+        out = jnp.where(is_nan, np.uint32(0x7FC00000 if has_nan else 0), out)
+    return out
+
+
+# --------------------------------------------------------------------------- scales
+
+
+def _e8m0_exponent(amax_bits, element, scale_mode):
+    """``qjax.quantize._scale_from_stat``'s E8M0 divisor: the scale exponent, 128 for a block
+    holding NaN/Inf. ``amax_bits``: uint32 block maxima of |x| bit patterns."""
+    log2_floor = _floor_log2(amax_bits)
+    if scale_mode == "floor":
+        exponent = log2_floor - element.emax
+    else:
+        max_mantissa, max_exponent = math.frexp(element.max)
+        max_significand = int(max_mantissa * 2**24)
+        biased = _i32(amax_bits >> 23)
+        significand = jnp.where(biased > 0, (amax_bits & _MANT) | _IMPLICIT, amax_bits & _MANT)
+        lead = _lead(significand)
+        normalised = significand << _u32(_clip(23 - lead, 0, 31))
+        exponent = log2_floor - (max_exponent - 1) + _i32(normalised > np.uint32(max_significand))
+    exponent = _clip(exponent, -127, 127)
+    exponent = jnp.where(amax_bits > 0, exponent, -127)
+    return jnp.where(amax_bits < _INF, exponent, 128)
+
+
+def _float_scale(amax_bits, fmt, tensor_scale, tensor_reciprocal):
+    """``qjax.quantize._scale_from_stat``'s divisor for non-power-of-two scales (float32)."""
+    element, encoding = fmt.element, fmt.scaling.scale
+    stat = _from_bits(amax_bits)
+    finite = amax_bits < _INF
+    nan = np.float32(np.nan)
+    target = stat * (np.float32(1) / np.float32(element.max))
+    if tensor_scale is not None:
+        target = target * tensor_reciprocal
+    if encoding.name in ("fp32", "bf16"):
+        if encoding.name == "bf16":
+            target = _from_bits(_round_generic(_bits(target), F.get("bf16").element, 0, "nearest",
+                                               None, saturate=False))
+        return jnp.where(finite, jnp.where(target > 0, target, np.float32(1)), nan)
+    grid = encoding.float_encoding
+    value = _from_bits(_round_generic(_bits(jnp.where(finite, target, nan)), grid, 0, "nearest",
+                                      None))
+    if tensor_scale is not None:
+        value = value * tensor_scale
+    return value
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _load(ref, mask):
+    if mask is None:
+        return ref[...]
+    return _triton_load(ref, mask=mask, other=0)
+
+
+def _store(ref, value, mask):
+    if mask is None:
+        ref[...] = value
+    else:
+        _triton_store(ref, value, mask=mask)
+
+
+def _triton_load(ref, *, mask, other):
+    if hasattr(pltriton, "load"):
+        return pltriton.load(ref, mask=mask, other=other)
+    return pl.load(ref, (slice(None),) * len(ref.shape), mask=mask, other=other)
+
+
+def _triton_store(ref, value, *, mask):
+    if hasattr(pltriton, "store"):
+        return pltriton.store(ref, value, mask=mask)
+    return pl.store(ref, (slice(None),) * len(ref.shape), value, mask=mask)
+
+
+def _tile_mask(shape, rows, blocks):
+    """In-bounds mask of this program's tile, or None when the grid divides the array. The edge
+    tiles are masked here explicitly: the BlockSpec's own bounds masking was seen not to mask the
+    stores of a partial edge tile (JAX 0.11.2, Triton backend, H100), which then wrote past the
+    output into other buffers."""
+    block_rows, blocks_per_tile, size = shape
+    if rows % block_rows == 0 and blocks % blocks_per_tile == 0:
+        return None
+    row = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+    col = pl.program_id(1) * blocks_per_tile + jnp.arange(blocks_per_tile, dtype=jnp.int32)
+    mask = (row[:, None, None] < rows) & (col[None, :, None] < blocks)
+    return jnp.broadcast_to(mask, shape)
+
+
+def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
+            blocks):
+    refs = list(refs)
+    x_ref, o_ref = refs.pop(0), refs.pop()
+    bits_ref = refs.pop(0) if has_bits else None
+    ts_ref = refs.pop(0) if has_tensor_scale else None
+    element = fmt.element
+    mask = _tile_mask(x_ref.shape, rows, blocks)
+    b = _bits(_load(x_ref, mask).astype(jnp.float32))  # (block_rows, blocks, B)
+    amax = jnp.max(b & _ABS, axis=-1, keepdims=True)  # max of bit patterns: NaN-propagating
+    random_bits = _load(bits_ref, mask) if has_bits else None
+    if fmt.scaling.scale.power_of_two:
+        divisor = _e8m0_exponent(amax, element, scale_mode)
+        exponent = jnp.minimum(divisor, 127)
+        if rounding != "nearest":
+            out = _round_generic(b, element, exponent, rounding, random_bits)
+        elif isinstance(element, F.IntEncoding) or element.emin >= 0:
+            out = _round_nearest(b, element, exponent, exact_subnormal=False, specials=False)
+        elif element.mantissa_bits > 21:
+            out = _round_nearest(b, element, exponent, exact_subnormal=True, specials=False)
+        else:
+            needs_exact = jnp.min(exponent) < -127 - element.emin  # a block with L < 0
+            out = lax.cond(
+                needs_exact,
+                lambda b, e: _round_nearest(b, element, e, exact_subnormal=True, specials=False),
+                lambda b, e: _round_nearest(b, element, e, exact_subnormal=False, specials=False),
+                b, exponent)
+        out = _from_bits(jnp.where(divisor > 127, _NAN, out))
+    else:
+        if has_tensor_scale:
+            tensor_scale, tensor_reciprocal = ts_ref[0], ts_ref[1]
+        else:
+            tensor_scale = tensor_reciprocal = None
+        divisor = _float_scale(amax, fmt, tensor_scale, tensor_reciprocal)
+        reciprocal = (_reciprocal if interpret else _reciprocal_fast)(divisor)
+        reciprocal = jnp.where(divisor == 0, np.float32(0), reciprocal)
+        y = _bits(_from_bits(b) * reciprocal)
+        if rounding == "nearest":
+            elements = _round_nearest(y, element, 0, exact_subnormal=False, specials=True)
+        else:
+            elements = _round_generic(y, element, 0, rounding, random_bits)
+        out = _from_bits(elements) * divisor
+    _store(o_ref, out.astype(o_ref.dtype), mask)
+
+
+# --------------------------------------------------------------------------- wrapper
+
+
+def supports(fmt: F.FormatLike) -> bool:
+    """Whether :func:`fake_quant_pallas` handles ``fmt``: 1-D ``Block`` scaling with the absmax
+    statistic and a float or integer element."""
+    fmt = F.get(fmt)
+    s = fmt.scaling
+    return (s is not None and isinstance(s.granularity, F.Block) and s.statistic == "absmax"
+            and isinstance(fmt.element, (F.FloatEncoding, F.IntEncoding)))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _tensor_amax_scale(x, fmt):
+    """The NVFP4 tensor scale (``qjax.quantize._tensor_scale``) and its reciprocal, by XLA."""
+    amax = _from_bits(jnp.max(_bits(x.astype(jnp.float32)) & _ABS))
+    scale = amax * (np.float32(1) / np.float32(fmt.element.max * fmt.scaling.scale.float_encoding.max))
+    scale = jnp.where(amax > 0, scale, np.float32(1))
+    scale = jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))
+    return jnp.stack([scale, _reciprocal(scale)])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
+def _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps, num_stages,
+                interpret):
+    return _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
+                           num_stages, interpret)
+
+
+@_fake_quant.defjvp
+def _fake_quant_jvp(fmt, rounding, scale_mode, block_rows, block_cols, num_warps, num_stages,
+                    interpret, primals, tangents):
+    x, key = primals
+    out = _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
+                      num_stages, interpret)
+    return out, tangents[0]  # straight-through, as qjax.fake_quant
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
+def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
+                    num_stages, interpret):
+    shape = x.shape
+    size = fmt.block_size
+    k = shape[-1]
+    m = math.prod(shape[:-1])
+    x3 = x.reshape(m, k // size, size)
+    blocks_per_tile = block_cols // size
+    grid = (pl.cdiv(m, block_rows), pl.cdiv(k // size, blocks_per_tile))
+    tile = pl.BlockSpec((block_rows, blocks_per_tile, size), lambda i, j: (i, j, 0))
+    operands, in_specs = [x3], [tile]
+    if rounding == "stochastic":
+        grouped = []  # the grouped view qjax.fake_quant draws its random bits for
+        for n in shape[:-1]:
+            grouped += [n, 1]
+        grouped += [k // size, size]
+        operands.append(jax.random.bits(key, tuple(grouped), jnp.uint32).reshape(x3.shape))
+        in_specs.append(tile)
+    if fmt.scaling.tensor_scale:
+        operands.append(_tensor_amax_scale(x, fmt))
+        in_specs.append(pl.BlockSpec((2,), lambda i, j: (0,)))
+    kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
+                               has_bits=rounding == "stochastic",
+                               has_tensor_scale=fmt.scaling.tensor_scale, interpret=interpret,
+                               rows=m, blocks=k // size)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x3.shape, x.dtype),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=tile,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"fake_quant_{fmt.name}",
+    )(*operands)
+    return out.reshape(shape)
+
+
+def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=None,
+                      scale_mode: str = "floor", block_rows: int = DEFAULT_BLOCK_ROWS,
+                      block_cols: int = DEFAULT_BLOCK_COLS, num_warps: int = DEFAULT_NUM_WARPS,
+                      num_stages: int | None = None, interpret: bool = False):
+    """``qjax.fake_quant(x, fmt, axis=-1, ...)`` as one fused Pallas kernel, bit for bit.
+
+    Args:
+      x: float32, bfloat16 or float16 array of rank >= 1, quantized along its last axis; leading
+        axes are flattened into rows. The last axis must be a multiple of the format's block size
+        (pad it first: padding with zeros gives the blocks ``qjax.fake_quant`` pads implicitly).
+      fmt: a format with ``Block`` scaling and the absmax statistic (:func:`supports`): mxfp8,
+        mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, mxint8, int4, nvfp4, or a user-built one.
+      rounding: ``"nearest"`` or ``"stochastic"`` (needs ``key``; the random bits are those of
+        ``qjax.fake_quant``, generated by XLA and read by the kernel).
+      key: PRNG key for stochastic rounding.
+      scale_mode: ``"floor"`` or ``"rceil"`` (E8M0 scales only).
+      block_rows: rows per program (a power of two).
+      block_cols: elements of the last axis per program: a multiple of the block size whose
+        quotient by it is a power of two. Both are capped to the array (rounded up to a power of
+        two); partial edge tiles are masked.
+      num_warps, num_stages: Triton launch parameters (None: Pallas' defaults).
+      interpret: run the kernel in the Pallas interpreter (any backend; for tests on CPU).
+
+    Returns:
+      An array of ``x``'s shape and dtype. The derivative is the straight-through estimator.
+    """
+    fmt = F.get(fmt)
+    x = jnp.asarray(x)
+    if not supports(fmt):
+        raise ValueError(f"fake_quant_pallas handles formats with 1-D Block scaling and the absmax "
+                         f"statistic (mxfp*, mxint8, int4, nvfp4); {fmt.name!r} has none. Use "
+                         f"qjax.fake_quant.")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"unknown rounding {rounding!r}; valid: nearest, stochastic.")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed).")
+    if scale_mode not in ("floor", "rceil"):
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid: floor, rceil.")
+    if scale_mode != "floor" and not fmt.scaling.scale.power_of_two:
+        raise ValueError(f"scale_mode={scale_mode!r} applies to E8M0 (power-of-two) scales only; "
+                         f"format {fmt.name!r} has none.")
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize > 4:
+        raise TypeError(f"fake_quant_pallas needs a float32, bfloat16 or float16 input, got "
+                        f"{x.dtype}.")
+    if x.ndim == 0:
+        raise ValueError("fake_quant_pallas needs an array of rank >= 1; got a scalar.")
+    size = fmt.block_size
+    if x.shape[-1] % size:
+        raise ValueError(
+            f"fake_quant_pallas quantizes along the last axis in blocks of {size} ({fmt.name}): "
+            f"its length must be a multiple of {size}, got shape {x.shape}. Pad the last axis to "
+            f"{-(-x.shape[-1] // size) * size} (zeros give what qjax.fake_quant computes), or use "
+            f"qjax.fake_quant.")
+    if block_cols % size or not _is_power_of_two(block_cols // size):
+        raise ValueError(f"block_cols must be the block size {size} times a power of two, got "
+                         f"{block_cols}.")
+    if not _is_power_of_two(block_rows):
+        raise ValueError(f"block_rows must be a power of two, got {block_rows}.")
+    if x.size == 0:
+        return x
+    rows = math.prod(x.shape[:-1])
+    block_rows = min(block_rows, _next_power_of_two(rows))
+    block_cols = min(block_cols, size * _next_power_of_two(x.shape[-1] // size))
+    if rounding == "nearest":
+        key = None
+    return _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
+                       num_stages, interpret)

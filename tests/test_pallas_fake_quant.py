@@ -1,0 +1,219 @@
+"""qjax.pallas.fake_quant_pallas: bit-identical to qjax.fake_quant.
+
+On CPU the kernel runs in the Pallas interpreter on small shapes; the tests marked ``gpu`` compile it
+with Triton and compare on large and odd shapes.
+"""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax.pallas import fake_quant_pallas, supports
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adversarial import families  # noqa: E402
+from reference import nvfp4_fake_quant_ref  # noqa: E402
+
+MX = ("mxfp8", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8")
+interpret = functools.partial(fake_quant_pallas, interpret=True)
+
+
+def assert_bit_identical(actual, expected):
+    """Bit for bit; NaNs of bf16/fp16 outputs compare as NaN: converting float32's NaN to them
+    gives a backend's own payload (0x7FFF from Triton on the GPU, 0x7E00 from XLA on the CPU)."""
+    narrow = jnp.asarray(actual).dtype != jnp.float32
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    if narrow:
+        both = np.isnan(actual) & np.isnan(expected)
+        actual, expected = np.where(both, np.float32(np.nan), actual), np.where(both, np.float32(np.nan), expected)
+    actual, expected = actual.view(np.uint32), expected.view(np.uint32)
+    assert actual.shape == expected.shape
+    bad = np.argwhere(actual != expected)
+    assert bad.size == 0, (f"{len(bad)} of {actual.size} differ, e.g. at {bad[:3].tolist()}: "
+                           f"{actual[tuple(bad[:5].T)]} vs {expected[tuple(bad[:5].T)]} (bits)")
+
+
+@functools.lru_cache(maxsize=None)
+def adversarial_stack():
+    """Every adversarial family (first 64 columns), stacked: (481, 64) float32, plus NaN and
+    ±Inf blocks."""
+    fams = families(np.random.default_rng(0))
+    x = np.concatenate([a[:, :64] for a in fams.values()])
+    x[3, 5] = np.nan
+    x[7, 40] = np.inf
+    x[9, 33] = -np.inf
+    x[11, :] = np.nan
+    return x
+
+
+def random_data(shape, dtype, seed=0):
+    x = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    scales = 2.0 ** jax.random.randint(jax.random.key(seed + 1), shape[:-1] + (1,), -20, 20)
+    return (x * scales).astype(dtype)
+
+
+# --------------------------------------------------------------------------- CPU (interpreter)
+
+
+@pytest.mark.parametrize("scale_mode", ["floor", "rceil"])
+@pytest.mark.parametrize("fmt", MX)
+def test_mx_adversarial_bit_identical(fmt, scale_mode):
+    x = jnp.asarray(adversarial_stack())
+    # 16 x 2 blocks per tile: the 481 rows end in a partial tile.
+    out = interpret(x, fmt, scale_mode=scale_mode, block_rows=16, block_cols=64)
+    assert_bit_identical(out, qjax.fake_quant(x, fmt, scale_mode=scale_mode))
+
+
+@pytest.mark.parametrize("fmt,scale_mode", [("mxfp4", "floor"), ("mxfp8", "rceil"),
+                                            ("mxint8", "floor"), ("int4", "floor")])
+def test_stochastic_bit_identical(fmt, scale_mode):
+    x = jnp.asarray(adversarial_stack()[:160])
+    key = jax.random.key(7)
+    out = interpret(x, fmt, rounding="stochastic", key=key, scale_mode=scale_mode,
+                    block_rows=32, block_cols=64)
+    expected = qjax.fake_quant(x, fmt, rounding="stochastic", key=key, scale_mode=scale_mode)
+    assert_bit_identical(out, expected)
+
+
+def test_int4_bf16_scales_bit_identical():
+    x = jnp.asarray(adversarial_stack())
+    assert_bit_identical(interpret(x, "int4", block_rows=32, block_cols=64),
+                         qjax.fake_quant(x, "int4"))
+
+
+def test_nvfp4_matches_numpy_reference():
+    # qjax.fake_quant(nvfp4) takes minutes to compile on CPU, so the CPU check is against the
+    # independent NumPy reference (normal-range families: its float products do not flush);
+    # the GPU tests compare with qjax.fake_quant directly.
+    fams = families(np.random.default_rng(1))
+    x = np.concatenate([fams[n][:, :64] for n in ("nvfp4_ties", "outliers", "mixed_signs",
+                                                  "neg_zero", "zeros", "saturate")])
+    out = interpret(jnp.asarray(x), "nvfp4", block_rows=64, block_cols=64)
+    assert_bit_identical(out, nvfp4_fake_quant_ref(x))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs(dtype):
+    x = random_data((40, 256), dtype)
+    out = interpret(x, "mxfp6_e3m2", block_rows=16, block_cols=128)
+    assert out.dtype == dtype
+    assert_bit_identical(out, qjax.fake_quant(x, "mxfp6_e3m2"))
+
+
+def test_leading_axes_and_partial_tiles():
+    x = random_data((3, 5, 96), jnp.float32)  # 15 rows, 3 blocks: partial tiles in both directions
+    out = interpret(x, "mxfp8", block_rows=8, block_cols=64)
+    assert out.shape == x.shape
+    assert_bit_identical(out, qjax.fake_quant(x, "mxfp8"))
+
+
+def test_exact_subnormal_branch_is_per_tile():
+    # One tile whose blocks need the exact subnormal path (scale < 2^-121 for e4m3), next to
+    # ordinary tiles, and a tile mixing both.
+    x = np.array(random_data((32, 128), jnp.float32))
+    rng = np.random.default_rng(3)
+    x[:8] = rng.integers(-2**23 + 1, 2**23, size=(8, 128)) * np.float32(2.0**-149)
+    x[8:16, 64:] = rng.normal(size=(8, 64)) * 1e-38
+    x = jnp.asarray(x, jnp.float32)
+    assert_bit_identical(interpret(x, "mxfp8", block_rows=8, block_cols=64),
+                         qjax.fake_quant(x, "mxfp8"))
+
+
+def test_block_length_must_divide_the_axis():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fake_quant_pallas(jnp.ones((4, 48)), "mxfp4", interpret=True)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fake_quant_pallas(jnp.ones((4, 40)), "nvfp4", interpret=True)
+
+
+def test_argument_checks():
+    x = jnp.ones((4, 64))
+    assert not supports("fp8_e4m3") and not supports("ternary") and supports("nvfp4")
+    with pytest.raises(ValueError, match="Block scaling"):
+        fake_quant_pallas(x, "fp8_e4m3", interpret=True)
+    with pytest.raises(ValueError, match="PRNG key"):
+        fake_quant_pallas(x, "mxfp4", rounding="stochastic", interpret=True)
+    with pytest.raises(ValueError, match="E8M0"):
+        fake_quant_pallas(x, "int4", scale_mode="rceil", interpret=True)
+    with pytest.raises(ValueError, match="block_cols"):
+        fake_quant_pallas(x, "mxfp4", block_cols=96, interpret=True)
+    with pytest.raises(ValueError, match="block_rows"):
+        fake_quant_pallas(x, "mxfp4", block_rows=6, interpret=True)
+
+
+def test_straight_through_gradient():
+    x = random_data((8, 64), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(interpret(x, "mxfp4") * 3.0))(x)
+    np.testing.assert_array_equal(np.asarray(grad), np.full(x.shape, 3.0, np.float32))
+
+
+# --------------------------------------------------------------------------- GPU (Triton)
+
+GPU_FORMATS = MX + ("int4", "nvfp4")
+
+
+def cpu_reference(x, fmt, **kwargs):
+    """qjax.fake_quant run on the CPU: MX formats are integer-only, hence backend-independent, and
+    the CPU results are the ones checked against the NumPy reference (tests/reference.py)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return qjax.fake_quant(jax.device_put(np.asarray(x), jax.devices("cpu")[0]), fmt, **kwargs)
+
+
+def reference(x, fmt, **kwargs):
+    """MX: qjax.fake_quant on the CPU. Float-scaled formats (int4, nvfp4) multiply in float32,
+    where XLA on CPU flushes subnormal products: qjax.fake_quant on the GPU."""
+    if fmt in MX:
+        return cpu_reference(x, fmt, **kwargs)
+    return qjax.fake_quant(x, fmt, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", GPU_FORMATS)
+def test_gpu_large_bf16(fmt):
+    x = random_data((8192, 8192), jnp.bfloat16, seed=11)
+    out = jax.jit(lambda x: fake_quant_pallas(x, fmt))(x)
+    assert_bit_identical(out, jax.jit(lambda x: qjax.fake_quant(x, fmt))(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", GPU_FORMATS)
+def test_gpu_adversarial(fmt):
+    x = jnp.asarray(adversarial_stack())
+    for scale_mode in (["floor", "rceil"] if fmt in MX else ["floor"]):
+        assert_bit_identical(fake_quant_pallas(x, fmt, scale_mode=scale_mode),
+                             reference(x, fmt, scale_mode=scale_mode))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", [((24, 4096), jnp.bfloat16), ((3, 5, 96), jnp.float32),
+                                         ((1000, 160), jnp.float16), ((7, 32), jnp.float32)])
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8", "nvfp4"])
+def test_gpu_odd_shapes(fmt, shape, dtype):
+    x = random_data(shape, dtype, seed=5)
+    assert_bit_identical(fake_quant_pallas(x, fmt), reference(x, fmt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8", "mxint8", "int4", "nvfp4"])
+def test_gpu_stochastic(fmt):
+    x = random_data((512, 1024), jnp.bfloat16, seed=9)
+    key = jax.random.key(3)
+    assert_bit_identical(fake_quant_pallas(x, fmt, rounding="stochastic", key=key),
+                         qjax.fake_quant(x, fmt, rounding="stochastic", key=key))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_rows,block_cols,num_warps", [(1, 32, 1), (64, 256, 8),
+                                                             (2, 2048, 4)])
+def test_gpu_block_shapes(block_rows, block_cols, num_warps):
+    x = jnp.asarray(adversarial_stack())
+    out = fake_quant_pallas(x, "mxfp8", block_rows=block_rows, block_cols=block_cols,
+                            num_warps=num_warps)
+    assert_bit_identical(out, cpu_reference(x, "mxfp8"))
