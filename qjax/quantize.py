@@ -331,7 +331,9 @@ def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale):
     # them so under jit, and one spelling keeps eager, jit and every backend bit-identical.
     target = stat if scaling.statistic == "absmean" else stat * _constant_reciprocal(element.max)
     if tensor_scale is not None:
-        target = target * _reciprocal(tensor_scale)
+        # The barrier keeps XLA from reassociating (stat * c) * r into (stat * r) * c, which it
+        # does on the GPU (it moves constants outward) and which rounds differently.
+        target = lax.optimization_barrier(target) * _reciprocal(tensor_scale)
     if encoding.name in ("fp32", "bf16"):
         value = target if encoding.name == "fp32" else \
             round_to_element(target, F.get("bf16").element, saturate=False)

@@ -375,8 +375,11 @@ def quantize_state(inner: optax.GradientTransformation, fmt: StateFormatName = "
     def init_fn(params):
         shapes = _param_shapes(params)
         state = inner.init(params)
-        state = jax.tree.map(lambda x: quantize_tensor(x, fmt, block_size=block_size)
-                             if _should_quantize(x, shapes, min_size) else x, state)
+        # The barrier stops XLA from constant-folding the quantization of the (constant) initial
+        # state, which takes minutes at the size of a model.
+        state = jax.tree.map(
+            lambda x: quantize_tensor(jax.lax.optimization_barrier(x), fmt, block_size=block_size)
+            if _should_quantize(x, shapes, min_size) else x, state)
         key = (jax.random.key_data(jax.random.key(seed, impl=prng_impl)) if stochastic
                else None)
         return QuantizedOptState(state, key)
