@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
-# (parts: tests, bitexact, quantize, kernel, matmul, optim; default: all). JSON goes to $OUT.
+# (parts: tests, fqtests, bitexact, quantize, kernel, matmul, optim, lm; default: all but fqtests). JSON goes to $OUT.
 set -u
 export PYTHONPATH="$PWD:$PWD/benchmarks"
-parts="${*:-tests bitexact quantize kernel matmul optim}"
+parts="${*:-tests bitexact quantize kernel matmul optim lm}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 for part in $parts; do
   echo "=== $part"
   case $part in
-    tests) timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 ;;
+    fqtests) timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_fake_quant.py \
+               2>&1 | grep -v Warning | tail -12 ;;
+    tests) timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | grep -v Warning | tail -30 ;;
     bitexact) timeout 300 python -m pytest -q -p no:cacheprovider tests/test_reference_bitexact.py \
                 2>&1 | grep -v "^$" | tail -40 ;;
     quantize) timeout 200 python benchmarks/quantize_bandwidth.py 2>&1 | tail -25 ;;
@@ -19,5 +21,7 @@ for part in $parts; do
     matmul) [ -f benchmarks/scaled_matmul.py ] && timeout 300 python benchmarks/scaled_matmul.py 2>&1 | tail -40 ;;
     optim) timeout 400 python benchmarks/optim_update.py --hlo --only "optax.adamw" "int8 state + bf16_sr" \
              "fp8 state + bf16_sr" "fp32 state + bf16_sr" 2>&1 | tail -14 ;;
+    lm) timeout 300 python examples/train_lm.py --preset small --steps 40 --eval-every 1000 \
+          --recipes flax,bf16,mxfp8,mxfp4 --out "${OUT:-/tmp}/lm" 2>&1 | tail -12 ;;
   esac
 done

@@ -15,6 +15,11 @@ from qjax.quantize import (
     unpack,
 )
 from qjax.transforms import hadamard, inverse_hadamard, random_signs
+from qjax import estimators  # noqa: E402  (custom_vjp rules on quantize and transforms)
+from qjax import recipes, ops  # noqa: E402  (recipes -> ops: the quantized GEMMs)
+from qjax.recipes import Recipe
+from qjax import nn, nnx, stats  # noqa: E402  (Flax layers build on ops)
+from qjax.nn import dense, quantize_model
 
 from qjax import optim  # noqa: E402  (builds on the quantizers above)
 
@@ -24,16 +29,25 @@ __all__ = [
     "Format",
     "PackedQArray",
     "QArray",
+    "Recipe",
+    "dense",
     "dequantize",
+    "estimators",
     "fake_quant",
     "formats",
     "get_format",
     "hadamard",
     "inverse_hadamard",
+    "nn",
+    "nnx",
+    "ops",
     "optim",
     "pack",
     "quantize",
+    "quantize_model",
     "random_signs",
+    "recipes",
+    "stats",
     "transforms",
     "unpack",
 ]

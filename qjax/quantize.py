@@ -691,10 +691,20 @@ def _fake_quant(x, fmt, axis, rounding, key, scale_mode):
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
 def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode):
-    if _fused_kernel_applies(x, fmt, axis):
-        from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
+    if not _fused_kernel_applies(x, fmt, axis):
+        return _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode)
+    from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
 
-        return kernel.fake_quant_pallas(x, fmt, rounding=rounding, key=key, scale_mode=scale_mode)
+    # Chosen when lowering for the platform the data is on: a GPU machine may still run this on
+    # its CPU (jax.default_device), where only XLA's version compiles.
+    return lax.platform_dependent(
+        x, key,
+        cuda=lambda x, key: kernel.fake_quant_pallas(x, fmt, rounding=rounding, key=key,
+                                                     scale_mode=scale_mode),
+        default=lambda x, key: _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode))
+
+
+def _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode):
     if fmt.scaling is None:
         return _cast_format(x, fmt, rounding, key).astype(x.dtype)
     _, dequantized, _, _, _, padded = _quantize_core(x, fmt, axis, rounding, key, scale_mode)
