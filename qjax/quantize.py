@@ -714,9 +714,10 @@ def _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode):
 def _fused_kernel_applies(x, fmt, axis) -> bool:
     """Whether ``fake_quant`` runs as the one-pass Pallas kernel (``qjax.pallas.fake_quant``, bit
     identical): on a single GPU, for E8M0-scaled block formats along a last axis whose length the
-    block divides. Elsewhere XLA's two passes (block amax, then rounding) run: on a GPU the
-    float-scaled formats (NVFP4, int4) gain too little from the kernel (docs/benchmarks.md), and a
-    kernel on arrays sharded over several devices needs a ``shard_map`` around it."""
+    block divides. Elsewhere XLA's two passes (block amax, then rounding) run. The kernel is
+    bit-identical for the float-scaled formats too (NVFP4, int4), but they are not dispatched yet:
+    NVFP4 gains nothing and int4 awaits a timing and a GPU check of its vmap/scan paths
+    (docs/benchmarks.md). A kernel on arrays sharded over several devices needs a ``shard_map``."""
     if jax.default_backend() != "gpu" or jax.device_count() != 1:
         return False
     from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
