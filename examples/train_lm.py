@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                        "Python standard library's sources)")
     parser.add_argument("--out", help="output folder (default: runs/train_lm_<preset>)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mesh", help="train sharded, e.g. data=2,fsdp=2,tensor=2 (data "
+                                       "parallel, FSDP, Megatron tensor parallel; see "
+                                       "docs/sharding.md); default: one device")
     parser.add_argument("--eval-every", type=int, help="steps between validations "
                                                        "(default: the preset's; 0: start and end)")
     parser.add_argument("--eval-batches", type=int, help="validation batches (default: preset's)")
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
         else:
             done[recipe] = train_recipe(recipe, config, corpus,
                                         checkpoint_dir=out / "checkpoints" / recipe,
-                                        resume=args.resume)
+                                        resume=args.resume, mesh=args.mesh)
             save_history(out / "histories", done[recipe], config)
         histories = [done[r] for r in sorted(done, key=table_order)]
         if plotting:

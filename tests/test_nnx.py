@@ -247,3 +247,59 @@ def test_delayed_scaling_updates_across_optax_steps_and_freezes_in_eval():
     model(_x(50) * 100)
     np.testing.assert_array_equal(model.lhs_amax_history[...], frozen)
     assert nnx.state(model, qnnx.QuantScaling)
+
+
+def test_sharded_train_step_matches_unsharded():
+    """FSDP x TP on a 2x4 (data, model) mesh of CPU devices: same loss, gradients and update."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (CPU) devices")
+    P, NamedSharding = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    # Auto axes: with Explicit ones a quantized GEMM with a sharded contraction axis asks for an
+    # out_sharding, which quantized recipes do not take.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = qnnx.Linear(64, 64, recipe="mxfp8", rngs=rngs,
+                                  bias_init=nnx.initializers.normal(0.1))
+            self.down = qnnx.Linear(64, 64, recipe="mxfp8", rngs=rngs,
+                                    bias_init=nnx.initializers.normal(0.1))
+
+        def __call__(self, x):
+            return self.down(nnx.gelu(self.up(x)))
+
+    model = MLP(nnx.Rngs(0))
+    sharded = nnx.clone(model)
+    specs = {"up": {"kernel": P("data", "model"), "bias": P("model")},  # FSDP x column-parallel
+             "down": {"kernel": P("model", "data"), "bias": P(None)}}  # row-parallel x FSDP
+    state = nnx.state(sharded, nnx.Param)
+    placed = jax.tree.map(lambda v, s: jax.device_put(v, NamedSharding(mesh, s)),
+                          nnx.to_pure_dict(state), specs)
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(sharded, state)
+    # 64 / 4 = 16 hidden features per model shard: MXFP8's blocks of 32 along the contraction
+    # axes of down (forward) and up (dgrad) straddle shards, so per-shard scales would differ.
+    assert sharded.down.kernel[...].sharding.spec == P("model", "data")
+    assert len(model.up.kernel[...].sharding.device_set) == 1
+
+    @nnx.jit
+    def train_step(model, optimizer, x, target):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss, grads
+
+    x, target = _x(14), _x(15)
+    loss, grads = train_step(model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), x, target)
+    batch = NamedSharding(mesh, P("data"))
+    loss_s, grads_s = train_step(sharded, nnx.Optimizer(sharded, optax.sgd(0.1), wrt=nnx.Param),
+                                 jax.device_put(x, batch), jax.device_put(target, batch))
+    np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+    leaves, leaves_s = jax.tree.leaves(grads), jax.tree.leaves(grads_s)
+    assert len(leaves) == len(leaves_s) == 4
+    for a, b in zip(leaves_s, leaves):
+        rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+        assert rel < 1e-3
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)),
+                    jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # sgd: 0.1 x the gradients
+    assert sharded.up.kernel[...].sharding.spec == P("data", "model")  # the update kept it

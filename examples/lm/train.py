@@ -22,7 +22,9 @@ from jaxtyping import Array, Float, Int
 import qjax
 
 from lm import data as D
-from lm.model import Decoder, ModelConfig
+from lm import sharding as S
+from lm import variants
+from lm.model import FLAX, Decoder, ModelConfig
 
 OPTIMIZER_STATES = ("none", "int8", "fp8", "int4")
 WEIGHTS = ("fp32", "bf16_sr", "bf16_kahan")
@@ -154,8 +156,10 @@ def init_state(model: Decoder, optimizer: optax.GradientTransformation, config: 
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def make_steps(model: Decoder, optimizer: optax.GradientTransformation, config: TrainConfig):
-    """The jitted train step (state donated) and validation loss function.
+def make_steps(model: Decoder, optimizer: optax.GradientTransformation, config: TrainConfig,
+               plan: S.MeshPlan | None = None, state_shardings: Any = None):
+    """The jitted train step (state donated) and validation loss function; with a mesh ``plan``,
+    jitted with the state's ``state_shardings`` and the plan's batch sharding.
 
     The ``"quant"`` RNG stream of step ``s`` is ``fold_in(key(seed + 1), s)``: stochastic
     recipes get fresh randomness every step, reproducibly and without keeping a key in the state.
@@ -178,7 +182,12 @@ def make_steps(model: Decoder, optimizer: optax.GradientTransformation, config: 
     def eval_loss(params, tokens):
         return loss_fn(params, tokens, eval_key)
 
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_loss)
+    if plan is None:
+        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_loss)
+    return (jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, plan.batch),
+                    out_shardings=(state_shardings, plan.replicated)),
+            jax.jit(eval_loss, in_shardings=(state_shardings.params, plan.batch),
+                    out_shardings=plan.replicated))
 
 
 class Checkpointer:
@@ -300,7 +309,7 @@ def validation_loss(eval_loss, params, batches: np.ndarray) -> float:
 
 def train_recipe(recipe: str, config: TrainConfig, corpus: D.Corpus, *,
                  checkpoint_dir: pathlib.Path | None = None, resume: bool = False,
-                 verbose: bool = True) -> History:
+                 verbose: bool = True, mesh: str | None = None) -> History:
     """Trains one model with ``recipe`` and returns its :class:`History`.
 
     Args:
@@ -310,6 +319,8 @@ def train_recipe(recipe: str, config: TrainConfig, corpus: D.Corpus, *,
       checkpoint_dir: where this recipe's checkpoints go (needed for checkpoints and resume).
       resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
       verbose: print progress.
+      mesh: ``"data=N,fsdp=M,tensor=K"`` to train sharded over that many devices
+        (:mod:`lm.sharding`); None: one device.
 
     Returns:
       The run's history: per-step training loss, validation losses, timings.
@@ -324,7 +335,16 @@ def train_recipe(recipe: str, config: TrainConfig, corpus: D.Corpus, *,
                                        config.model.head_recipe)
     model = Decoder(model_config)
     optimizer = make_optimizer(config)
-    train_step, eval_loss = make_steps(model, optimizer, config)
+    plan = state_shardings = None
+    if mesh:
+        plan = S.make_plan(S.parse_mesh(mesh))
+        S.check_batch(plan, config.batch_size)
+        abstract = jax.eval_shape(lambda: init_state(model, optimizer, config))
+        if recipe != FLAX:
+            S.check_divisibility(abstract.params, plan.sizes, variants.resolve(recipe),
+                                 config.tokens_per_step)
+        state_shardings = plan.shardings(abstract)
+    train_step, eval_loss = make_steps(model, optimizer, config, plan, state_shardings)
     val_batches = D.validation_batches(corpus, num_batches=config.eval_batches,
                                        batch_size=config.batch_size, seq_len=config.seq_len)
     batch = lambda step: D.train_batch(corpus, step, batch_size=config.batch_size,  # noqa: E731
@@ -337,8 +357,13 @@ def train_recipe(recipe: str, config: TrainConfig, corpus: D.Corpus, *,
     if checkpointer is not None and resume and checkpointer.latest_step() is not None:
         abstract = jax.eval_shape(lambda: init_state(model, optimizer, config))
         state, history = checkpointer.restore(checkpointer.latest_step(), abstract, config)
+        if plan is not None:
+            state = jax.device_put(state, state_shardings)
         if verbose:
             print(f"[{recipe}] resumed from step {int(state.step)} ({checkpoint_dir})")
+    elif plan is not None:
+        state = jax.jit(lambda: init_state(model, optimizer, config),
+                        out_shardings=state_shardings)()
     else:
         state = init_state(model, optimizer, config)
     start = int(state.step)
@@ -350,7 +375,9 @@ def train_recipe(recipe: str, config: TrainConfig, corpus: D.Corpus, *,
         if checkpointer is not None:
             checkpointer.close()
         return history
-    tokens = jnp.asarray(batch(start))
+    put = (lambda b: jnp.asarray(b)) if plan is None else (  # noqa: E731
+        lambda b: jax.device_put(b, plan.batch))
+    tokens = put(batch(start))
     began = time.perf_counter()
     compiled = train_step.lower(state, tokens).compile()
     history.compile_seconds += time.perf_counter() - began
@@ -364,7 +391,7 @@ def train_recipe(recipe: str, config: TrainConfig, corpus: D.Corpus, *,
         pending.append((step + 1, loss))
         done = step + 1
         if done < config.steps:
-            tokens = jnp.asarray(batch(done))  # built on the host while the device computes
+            tokens = put(batch(done))  # built on the host while the device computes
         evaluate = done == config.steps or (config.eval_every and done % config.eval_every == 0)
         checkpoint = checkpointer is not None and config.checkpoint_every and (
             done % config.checkpoint_every == 0 or done == config.steps)
