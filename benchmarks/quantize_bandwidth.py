@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import qjax
-from timing import environment, median_seconds
+from timing import environment, median_seconds, storage_bits
 
 
 def main():
@@ -36,6 +36,13 @@ def main():
         packed = q(x)
         out_bytes = packed.values.size * packed.values.dtype.itemsize + packed.scales.size * packed.scales.dtype.itemsize
         rows.append((f"quantize {name}", median_seconds(q, x), nbytes + out_bytes))
+        with qjax.use_kernels(False):  # XLA's version, where the line above used a kernel
+            q_xla = jax.jit(lambda x, name=name: qjax.quantize(x, name))
+            reference = q_xla(x)
+        same = all(bool(jnp.all(storage_bits(a) == storage_bits(b)))
+                   for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(reference)))
+        rows.append((f"quantize {name}, XLA only (use_kernels(False)); same bits as above: {same}",
+                     median_seconds(q_xla, x), nbytes + out_bytes))
         dq = jax.jit(lambda q: q.dequantize())
         rows.append((f"dequantize {name}", median_seconds(dq, packed), nbytes + out_bytes))
         fusions = fq.lower(x).compile().as_text().count("fusion(")

@@ -4,6 +4,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def median_seconds(fn, *args, warmup: int = 3, repeats: int = 30, calls_per_repeat: int = 10) -> float:
@@ -28,3 +29,9 @@ def environment() -> str:
     device = jax.devices()[0]
     return (f"{datetime.date.today()} | {device.device_kind} | JAX {jax.__version__} | "
             f"Python {platform.python_version()}")
+
+
+def storage_bits(a):
+    """An array's bits as unsigned integers of its width (to compare float8/bf16 storage exactly)."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
+    return a if a.dtype == width else jax.lax.bitcast_convert_type(a, width)

@@ -3,7 +3,8 @@
 The public API is what this module re-exports.
 """
 
-from qjax import formats, transforms
+from qjax import config, formats, transforms
+from qjax.config import use_kernels
 from qjax.formats import Format, get as get_format
 from qjax.quantize import (
     PackedQArray,
@@ -30,6 +31,7 @@ __all__ = [
     "PackedQArray",
     "QArray",
     "Recipe",
+    "config",
     "dense",
     "dequantize",
     "estimators",
@@ -50,4 +52,5 @@ __all__ = [
     "stats",
     "transforms",
     "unpack",
+    "use_kernels",
 ]

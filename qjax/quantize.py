@@ -20,6 +20,7 @@ from jax import lax
 from jaxtyping import Array, Float, Integer, Key
 
 from qjax import formats as F
+from qjax.config import kernels_enabled
 
 Rounding = Literal["nearest", "stochastic"]
 ScaleMode = Literal["floor", "rceil"]
@@ -632,11 +633,26 @@ def quantize(x: Float[Array, "..."], fmt: F.FormatLike, *, axis: int = -1,
       (dtype('uint8'), dtype(float8_e8m0fnu))
     """
     x, fmt, axis = _prepare(x, fmt, axis, rounding, key, scale_mode)
-    return _quantize_jit(x, fmt, axis, rounding, key, scale_mode)
+    return _quantize_jit(x, fmt, axis, rounding, key, scale_mode, kernels_enabled())
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
-def _quantize_jit(x, fmt, axis, rounding, key, scale_mode):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5, 6))
+def _quantize_jit(x, fmt, axis, rounding, key, scale_mode, kernels):
+    if not (kernels and _fused_kernel_applies(x, fmt, axis)):
+        return _quantize_xla(x, fmt, axis, rounding, key, scale_mode)
+    from qjax.pallas import quantize as kernel  # lazy: qjax.pallas builds on this module
+
+    if not kernel.supports(fmt):  # e.g. a user-built E8M0 format with a 12-bit element
+        return _quantize_xla(x, fmt, axis, rounding, key, scale_mode)
+
+    return lax.platform_dependent(  # see _fake_quant_jit
+        x, key,
+        cuda=lambda x, key: kernel.quantize_pallas(x, fmt, rounding=rounding, key=key,
+                                                   scale_mode=scale_mode),
+        default=lambda x, key: _quantize_xla(x, fmt, axis, rounding, key, scale_mode))
+
+
+def _quantize_xla(x, fmt, axis, rounding, key, scale_mode):
     if fmt.scaling is None:
         values = _cast_format(x, fmt, rounding, key)
         stored = values.astype(fmt.native_dtype) if fmt.native_dtype is not None else \
@@ -684,14 +700,14 @@ def _dequantize_jit(q: QArray, dtype):
     return _crop(out, padded, q.shape).astype(dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 5))
-def _fake_quant(x, fmt, axis, rounding, key, scale_mode):
-    return _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 5, 6))
+def _fake_quant(x, fmt, axis, rounding, key, scale_mode, kernels):
+    return _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
-def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode):
-    if not _fused_kernel_applies(x, fmt, axis):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5, 6))
+def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels):
+    if not (kernels and _fused_kernel_applies(x, fmt, axis)):
         return _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode)
     from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
 
@@ -712,12 +728,13 @@ def _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode):
 
 
 def _fused_kernel_applies(x, fmt, axis) -> bool:
-    """Whether ``fake_quant`` runs as the one-pass Pallas kernel (``qjax.pallas.fake_quant``, bit
-    identical): on a single GPU, for E8M0-scaled block formats along a last axis whose length the
-    block divides. Elsewhere XLA's two passes (block amax, then rounding) run. The kernel is
-    bit-identical for the float-scaled formats too (NVFP4, int4), but they are not dispatched yet:
-    NVFP4 gains nothing and int4 awaits a timing and a GPU check of its vmap/scan paths
-    (docs/benchmarks.md). A kernel on arrays sharded over several devices needs a ``shard_map``."""
+    """Whether ``fake_quant`` and ``quantize`` run as one-pass Pallas kernels
+    (``qjax.pallas.fake_quant`` / ``qjax.pallas.quantize``, bit identical): on a single GPU, for
+    E8M0-scaled block formats along a last axis whose length the block divides. Elsewhere XLA's
+    passes (block amax, then rounding and encoding) run. The kernels are bit-identical for the
+    float-scaled formats too (NVFP4, int4), but they are not dispatched yet: NVFP4 gains nothing
+    and int4 awaits a timing and a GPU check of its vmap/scan paths (docs/benchmarks.md). A
+    kernel on arrays sharded over several devices needs a ``shard_map``."""
     if jax.default_backend() != "gpu" or jax.device_count() != 1:
         return False
     from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
@@ -728,10 +745,10 @@ def _fused_kernel_applies(x, fmt, axis) -> bool:
 
 
 @_fake_quant.defjvp
-def _fake_quant_jvp(fmt, axis, rounding, scale_mode, primals, tangents):
+def _fake_quant_jvp(fmt, axis, rounding, scale_mode, kernels, primals, tangents):
     x, key = primals
     x_dot, _ = tangents
-    return _fake_quant(x, fmt, axis, rounding, key, scale_mode), x_dot
+    return _fake_quant(x, fmt, axis, rounding, key, scale_mode, kernels), x_dot
 
 
 def fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, *, axis: int = -1,
@@ -753,7 +770,7 @@ def fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, *, axis: int = -1,
       Array([0.5, 1. , 3. , 4. ], dtype=float32)
     """
     x, fmt, axis = _prepare(x, fmt, axis, rounding, key, scale_mode)
-    return _fake_quant(x, fmt, axis, rounding, key, scale_mode)
+    return _fake_quant(x, fmt, axis, rounding, key, scale_mode, kernels_enabled())
 
 
 # --------------------------------------------------------------------------- packing

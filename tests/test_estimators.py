@@ -38,6 +38,14 @@ def same_bits(a, b) -> bool:
     return a.shape == b.shape and bool(np.all(both_nan | (a.view(np.uint32) == b.view(np.uint32))))
 
 
+def within_one_ulp(a, b) -> bool:
+    """Equal up to one float32 ulp: for ``x + noise * step``, which XLA on GPU contracts into a
+    fused multiply-add in some programs and not in others (one rounding instead of two)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and bool(np.all(np.abs(a.view(np.int32).astype(np.int64)
+                                                     - b.view(np.int32).astype(np.int64)) <= 1))
+
+
 def call(name, x, fmt="mxfp4", key=None, **options):
     """Calls an estimator by name, with a key only for the random ones."""
     key = key if key is not None else (jax.random.key(7) if name in RANDOM else None)
@@ -312,7 +320,7 @@ def test_gaussian_noise_has_the_variance_of_the_rounding_error():
     assert abs(z.mean()) < 5 * math.sqrt(1 / 12 / n)
     assert abs(z.var() / (1 / 12) - 1) < 5 * math.sqrt(2 / n)
     assert abs(np.mean(np.abs(z) > 3 * math.sqrt(1 / 12)) - 0.0027) < 0.001  # Gaussian tails
-    assert same_bits(again, samples[3])
+    assert within_one_ulp(again, samples[3])
     np.testing.assert_allclose((scaled - x) / step, z[3] * math.sqrt(3), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(grad, weights)
 
@@ -465,6 +473,8 @@ def test_jit_vmap_grad_scan_remat(name, options):
         # quest's own rotation runs a float32 GEMM whose rounding XLA may fuse differently.
         if name == "quest" and options.get("rotate"):
             np.testing.assert_allclose(np.asarray(jitted[i]), np.asarray(eager[i]), atol=1e-5)
+        elif name == "gaussian":
+            assert within_one_ulp(jitted[i], eager[i]), i
         else:
             assert same_bits(jitted[i], eager[i]), i
         np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(eager_grads[i]), atol=1e-5)

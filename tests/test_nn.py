@@ -281,8 +281,13 @@ def test_quantize_model_linen_matches_hand_written():
         return jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, tokens) ** 2)))(params)
 
     (loss_q, grad_q), (loss_h, grad_h) = loss_and_grad(qmodel), loss_and_grad(by_hand)
-    np.testing.assert_array_equal(loss_q, loss_h)
-    jax.tree.map(np.testing.assert_array_equal, grad_q, grad_h)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(loss_q, loss_h)
+        jax.tree.map(np.testing.assert_array_equal, grad_q, grad_h)
+    else:  # the two programs are fused differently on GPU: float32 summation order may differ
+        np.testing.assert_allclose(loss_q, loss_h, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     grad_q, grad_h)
 
 
 def test_quantize_model_tied_embedding_and_einsum():
@@ -405,7 +410,9 @@ def test_delayed_scaling_history_and_values_across_optax_steps():
         lhs_scale = (lhs_hist.max() if lhs_hist.max() > 0 else lhs_amaxes[0]) / 448
         rhs_scale = (rhs_hist.max() if rhs_hist.max() > 0 else rhs_amaxes[0]) / 448
         xq, wq = _e4m3_reference(x, lhs_scale), _e4m3_reference(kernel, rhs_scale)
-        params, scaling, opt_state, y, grads = train_step(params, scaling, opt_state, x)
+        # float32 GEMMs exactly (GPUs default to TF32 for them)
+        with jax.default_matmul_precision("highest"):
+            params, scaling, opt_state, y, grads = train_step(params, scaling, opt_state, x)
         np.testing.assert_allclose(y, xq @ wq, rtol=1e-5, atol=1e-5)
         dy = qjax.fake_quant(2 * jnp.asarray(xq @ wq) / y.size, "fp8_e5m2")
         np.testing.assert_allclose(grads["kernel"], xq.T @ np.asarray(dy), rtol=1e-4, atol=1e-7)

@@ -51,9 +51,10 @@ per-step rounding bias 1000-fold, so it gets the finer uniform).
 plain JAX (table lookups for decoding; the same hash and encode formulas). Divisions, the square
 root and the reciprocal are IEEE-rounded on both sides (``div.rn``, ``sqrt.rn``, ``rcp.rn`` in the
 kernel), and the multiply-adds that a compiler could contract into FMAs are issued as separately
-rounded ``mul.rn`` / ``add.rn`` in the kernel, so the kernel on the GPU is bit-identical to the
-reference run on the CPU (which does not contract), and to the interpreter. (The reference
-compiled by XLA for the GPU may contract and differ in the last bit of a moment.)
+rounded ``mul.rn`` / ``add.rn`` in the kernel and, in plain JAX, with the product behind an
+``optimization_barrier`` (XLA:CPU was seen contracting them otherwise), so the kernel on the GPU
+is bit-identical to the reference run on the CPU, and to the interpreter. (The reference
+compiled by XLA for the GPU may still contract and differ in the last bit of a moment.)
 
 Shapes: the last axis is cut into blocks as ``QuantizedTensor`` does; a power-of-two block that
 divides the last axis is a free reshape. Otherwise (a ragged last block, or a tensor smaller than
@@ -79,7 +80,7 @@ from jaxtyping import Array, Float, UInt8, UInt32
 
 from qjax.optim import codes as _codes
 
-__all__ = ["AdamwKernelConfig", "Hyper", "adamw_8bit", "adamw_8bit_reference", "decode_int8",
+__all__ = ["AdamwKernelConfig", "Hyper", "adamw_8bit_pallas", "adamw_8bit_reference", "decode_int8",
            "hyperparameters", "stream_keys", "PARAM_MODES"]
 
 PARAM_MODES = ("bf16_sr", "fp32")
@@ -227,8 +228,8 @@ def _small_int_to_f32(k):
 
 
 class _Ops:
-    """Float ops with explicit IEEE rounding: inline PTX on the GPU, plain JAX in the interpreter
-    and the reference (where XLA:CPU neither contracts nor approximates)."""
+    """Float ops with explicit IEEE rounding, never contracted into FMAs: inline PTX on the GPU,
+    plain JAX (products behind an optimization barrier) in the interpreter and the reference."""
 
     def __init__(self, asm: bool):
         self.asm = asm
@@ -243,7 +244,9 @@ class _Ops:
         return out
 
     def mul(self, a, b):
-        return self._ptx("mul.rn.f32", a, b) if self.asm else a * b
+        # XLA:CPU contracts a product and a following add into an FMA inside a fusion (seen in
+        # the interpreter); the barrier keeps the product a separately rounded value.
+        return self._ptx("mul.rn.f32", a, b) if self.asm else lax.optimization_barrier(a * b)
 
     def add(self, a, b):
         return self._ptx("add.rn.f32", a, b) if self.asm else a + b
@@ -286,11 +289,11 @@ def decode_int8(code: UInt8[Array, "..."], unsigned) -> Float[Array, "..."]:
     neg = (s == 0) & (code < 127)
     q = jnp.where(s == 1, code, jnp.where(neg, 128 - code, code - 127))
     j = q + s  # 1..255 on magnitudes; 0 is zero, 128 (signed) / 256 (unsigned) is 1.0
-    jc = jnp.clip(j, 1, 255)
+    jc = jnp.minimum(jnp.maximum(j, 1), 255)  # (lax.clamp has no Triton lowering)
     e = (_bits(_small_int_to_f32(jc)) >> 23).astype(jnp.int32) - 127
     n = 18 * jc + 9 - jnp.left_shift(16, e)
     nf = _small_int_to_f32(jnp.maximum(n, 0))
-    i = jnp.clip(e - s, 0, 6)
+    i = jnp.minimum(jnp.maximum(e - s, 0), 6)
     value = nf * _select(i, _C_HI) + nf * _select(i, _C_LO)
     value = value * jnp.where(s == 1, np.float32(0.5), np.float32(1.0))
     value = jnp.where(q == 0, np.float32(0), jnp.where(j == 128 + 128 * s, np.float32(1), value))
@@ -314,9 +317,9 @@ def _encode(x, absmax, unsigned, u, ops):
     y = ops.mul(v, k)  # v in N units of decade i
     j_real = ops.add(y, p * np.float32(16) - np.float32(9)) * np.float32(1 / 18)
     t = j_real + _TWO23  # round to integer, then step down if it rounded up: an exact floor
-    j_lo = (_bits(t) - _bits(_TWO23)).astype(jnp.int32)
+    j_lo = (_bits(t) - _MAGIC).astype(jnp.int32)
     j_lo = j_lo - ((t - _TWO23) > j_real).astype(jnp.int32)
-    j_lo = jnp.clip(j_lo, s, 2 * p_int - 1)
+    j_lo = jnp.minimum(jnp.maximum(j_lo, s), 2 * p_int - 1)
     j_hi = j_lo + 1
     n_lo = _small_int_to_f32(jnp.maximum(18 * j_lo + 9 - 16 * p_int, 0))
     lo = jnp.where(j_lo < p_int, jnp.where(i == 0, np.float32(0), p * np.float32(2) - np.float32(1.8)),
@@ -565,7 +568,7 @@ def _check(grad, param, mu, nu, param_mode):
 
 
 def supports(param, mu, nu, param_mode: str = "bf16_sr") -> bool:
-    """Whether :func:`adamw_8bit` handles this leaf (else use the composable path)."""
+    """Whether :func:`adamw_8bit_pallas` handles this leaf (else use the composable path)."""
     if param is None or getattr(param, "ndim", 0) < 1 or param.size == 0:
         return False
     try:
@@ -575,7 +578,7 @@ def supports(param, mu, nu, param_mode: str = "bf16_sr") -> bool:
     return True
 
 
-def adamw_8bit(grad: Float[Array, "..."], param: Float[Array, "..."], mu, nu,
+def adamw_8bit_pallas(grad: Float[Array, "..."], param: Float[Array, "..."], mu, nu,
                hyper: Float[Array, "16"], keys: UInt32[Array, "2"], *, param_mode: str = "bf16_sr",
                decay: bool = True, decay_bf16: bool = False,
                config: AdamwKernelConfig = AdamwKernelConfig(), interpret: bool = False):
@@ -603,8 +606,8 @@ def adamw_8bit(grad: Float[Array, "..."], param: Float[Array, "..."], mu, nu,
       >>> mu = nu = quantize_tensor(jnp.zeros((4, 256)), "int8")
       >>> h = hyperparameters(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, neg_lr=-1e-3,
       ...                     count_inc=1)
-      >>> new_p, mu, nu = adamw_8bit(jnp.ones((4, 256)), p, mu, nu, h, jnp.arange(2, dtype=jnp.uint32),
-      ...                            interpret=True)
+      >>> new_p, mu, nu = adamw_8bit_pallas(jnp.ones((4, 256)), p, mu, nu, h, jnp.arange(2, dtype=jnp.uint32),
+      ...                                   interpret=True)
       >>> new_p.dtype, mu.codes.dtype
       (dtype(bfloat16), dtype('uint8'))
     """
@@ -623,9 +626,9 @@ def adamw_8bit_reference(grad: Float[Array, "..."], param: Float[Array, "..."], 
                          hyper: Float[Array, "16"], keys: UInt32[Array, "2"], *,
                          param_mode: str = "bf16_sr", decay: bool = True,
                          decay_bf16: bool = False):
-    """:func:`adamw_8bit` in plain JAX on whole arrays (table lookups for decoding).
+    """:func:`adamw_8bit_pallas` in plain JAX on whole arrays (table lookups for decoding).
 
-    Same arguments and results as :func:`adamw_8bit` (without the launch parameters). Run on the
+    Same arguments and results as :func:`adamw_8bit_pallas` (without the launch parameters). Run on the
     CPU, it is bit-identical to the kernel on the GPU and in the interpreter.
 
     Example:

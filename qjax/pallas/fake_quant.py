@@ -474,9 +474,14 @@ def _fake_quant_jvp(fmt, rounding, scale_mode, block_rows, block_cols, num_warps
     return out, tangents[0]  # straight-through, as qjax.fake_quant
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
-def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                    num_stages, interpret):
+def tiled_operands(x, fmt, rounding, key, block_rows, block_cols):
+    """The grid, tile spec and operands shared by the fused kernels of this package: ``x`` viewed
+    as ``(rows, K // B, B)``, the random bits ``qjax.quantize``/``qjax.fake_quant`` draw for
+    stochastic rounding, and NVFP4's tensor scale with its reciprocal.
+
+    Returns:
+      ``(grid, tile, operands, in_specs, rows)``.
+    """
     shape = x.shape
     size = fmt.block_size
     k = shape[-1]
@@ -487,7 +492,7 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
     tile = pl.BlockSpec((block_rows, blocks_per_tile, size), lambda i, j: (i, j, 0))
     operands, in_specs = [x3], [tile]
     if rounding == "stochastic":
-        grouped = []  # the grouped view qjax.fake_quant draws its random bits for
+        grouped = []  # the grouped view the XLA quantizers draw their random bits for
         for n in shape[:-1]:
             grouped += [n, 1]
         grouped += [k // size, size]
@@ -496,13 +501,21 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
     if fmt.scaling.tensor_scale:
         operands.append(_tensor_amax_scale(x, fmt))
         in_specs.append(pl.BlockSpec((2,), lambda i, j: (0,)))
+    return grid, tile, operands, in_specs, m
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
+def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
+                    num_stages, interpret):
+    grid, tile, operands, in_specs, m = tiled_operands(x, fmt, rounding, key, block_rows,
+                                                       block_cols)
     kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
                                has_bits=rounding == "stochastic",
                                has_tensor_scale=fmt.scaling.tensor_scale, interpret=interpret,
-                               rows=m, blocks=k // size)
+                               rows=m, blocks=operands[0].shape[1])
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(x3.shape, x.dtype),
+        out_shape=jax.ShapeDtypeStruct(operands[0].shape, x.dtype),
         grid=grid,
         in_specs=in_specs,
         out_specs=tile,
@@ -510,7 +523,39 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
         interpret=interpret,
         name=f"fake_quant_{fmt.name}",
     )(*operands)
-    return out.reshape(shape)
+    return out.reshape(x.shape)
+
+
+def check_arguments(x, fmt: F.Format, rounding, key, scale_mode, block_rows, block_cols, *,
+                    caller: str, fallback: str) -> None:
+    """The argument checks of the fused kernels (:func:`fake_quant_pallas` and
+    ``qjax.pallas.quantize_pallas``): ValueError/TypeError naming the problem and the choices."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"unknown rounding {rounding!r}; valid: nearest, stochastic.")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed).")
+    if scale_mode not in ("floor", "rceil"):
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid: floor, rceil.")
+    if scale_mode != "floor" and not fmt.scaling.scale.power_of_two:
+        raise ValueError(f"scale_mode={scale_mode!r} applies to E8M0 (power-of-two) scales only; "
+                         f"format {fmt.name!r} has none.")
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize > 4:
+        raise TypeError(f"{caller} needs a float32, bfloat16 or float16 input, got "
+                        f"{x.dtype}.")
+    if x.ndim == 0:
+        raise ValueError(f"{caller} needs an array of rank >= 1; got a scalar.")
+    size = fmt.block_size
+    if x.shape[-1] % size:
+        raise ValueError(
+            f"{caller} quantizes along the last axis in blocks of {size} ({fmt.name}): "
+            f"its length must be a multiple of {size}, got shape {x.shape}. Pad the last axis to "
+            f"{-(-x.shape[-1] // size) * size} (zeros give what {fallback} computes), or use "
+            f"{fallback}.")
+    if block_cols % size or not _is_power_of_two(block_cols // size):
+        raise ValueError(f"block_cols must be the block size {size} times a power of two, got "
+                         f"{block_cols}.")
+    if not _is_power_of_two(block_rows):
+        raise ValueError(f"block_rows must be a power of two, got {block_rows}.")
 
 
 def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=None,
@@ -545,34 +590,11 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
         raise ValueError(f"fake_quant_pallas handles formats with 1-D Block scaling and the absmax "
                          f"statistic (mxfp*, mxint8, int4, nvfp4); {fmt.name!r} has none. Use "
                          f"qjax.fake_quant.")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"unknown rounding {rounding!r}; valid: nearest, stochastic.")
-    if rounding == "stochastic" and key is None:
-        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed).")
-    if scale_mode not in ("floor", "rceil"):
-        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid: floor, rceil.")
-    if scale_mode != "floor" and not fmt.scaling.scale.power_of_two:
-        raise ValueError(f"scale_mode={scale_mode!r} applies to E8M0 (power-of-two) scales only; "
-                         f"format {fmt.name!r} has none.")
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize > 4:
-        raise TypeError(f"fake_quant_pallas needs a float32, bfloat16 or float16 input, got "
-                        f"{x.dtype}.")
-    if x.ndim == 0:
-        raise ValueError("fake_quant_pallas needs an array of rank >= 1; got a scalar.")
-    size = fmt.block_size
-    if x.shape[-1] % size:
-        raise ValueError(
-            f"fake_quant_pallas quantizes along the last axis in blocks of {size} ({fmt.name}): "
-            f"its length must be a multiple of {size}, got shape {x.shape}. Pad the last axis to "
-            f"{-(-x.shape[-1] // size) * size} (zeros give what qjax.fake_quant computes), or use "
-            f"qjax.fake_quant.")
-    if block_cols % size or not _is_power_of_two(block_cols // size):
-        raise ValueError(f"block_cols must be the block size {size} times a power of two, got "
-                         f"{block_cols}.")
-    if not _is_power_of_two(block_rows):
-        raise ValueError(f"block_rows must be a power of two, got {block_rows}.")
+    check_arguments(x, fmt, rounding, key, scale_mode, block_rows, block_cols,
+                    caller="fake_quant_pallas", fallback="qjax.fake_quant")
     if x.size == 0:
         return x
+    size = fmt.block_size
     rows = math.prod(x.shape[:-1])
     block_rows = min(block_rows, _next_power_of_two(rows))
     block_cols = min(block_cols, size * _next_power_of_two(x.shape[-1] // size))

@@ -23,16 +23,21 @@ activations are two plain, contiguous column ranges of ``x`` -- no interleaving 
 N stays the contiguous axis (coalesced loads along N). ``scales`` is ``(Kp / G, N)``: uint8 codes
 for E8M0 / E4M3, bf16 or fp32 values for int4, padded groups hold the scale 1.
 
-**Kernel** (``method="dot"``): a program owns ``block_n`` columns (and ``block_m >= 16`` rows of
-``x``; rows beyond M are masked) and walks its K range (all of it, or ``1 / split_k`` of it) in
-steps of ``block_k`` (``block_k / 2`` byte rows). Per scale group ``g`` of a step it loads the
-``(G, block_n)`` bytes, decodes both nibbles to bf16 element values (without the scale), and adds
-``(x_g @ w_g) * s_g`` to the fp32 accumulator, once for the low and once for the high half: the
-bf16 tensor-core dot of the group gives an fp32 partial sum, which the group's scale (decoded to
-fp32; for NVFP4 times the tensor scale) multiplies. Applying scales to the ``(block_m, block_n)``
-partial product instead of the ``(G, block_n)`` weights costs ``block_m / G`` multiply-adds per
-weight element (0.5 at M <= 16 with G = 32) and keeps INT4 exact: an int4 value times a bf16 scale
-has up to 11 significant bits, more than bf16 holds, while the int4 value alone is exact.
+**Kernel** (``method="dot"``): a program owns ``block_n`` columns and ``block_m >= 16`` rows of
+``x`` (the wrapper zero-pads M to whole tiles and the weight's N is padded at pack time, so no load
+or store is masked) and walks its K range (all of it, or ``1 / split_k`` of it) in steps of
+``block_k`` (``block_k / 2`` byte rows). Two ways to apply the group scales:
+
+* ``scale_mode="weight"`` (default for E2M1): the step's bytes are loaded as ``(groups, G,
+  block_n)``, decoded to bf16, multiplied by their ``(groups, 1, block_n)`` scales in fp32 and
+  rounded back to bf16 -- exact, since an E2M1 value times an E8M0 or E4M3 scale has at most 6
+  significant bits -- then reshaped to ``(block_k / 2, block_n)``: one bf16 tensor-core dot per
+  half and step. NVFP4's tensor scale multiplies the fp32 result.
+* ``scale_mode="acc"`` (int4, any format): per group, ``(x_g @ w_g) * s_g`` is added to the fp32
+  accumulator, the dot taking the unscaled elements. This keeps INT4 exact (an int4 value times a
+  bf16 scale has up to 11 significant bits, more than bf16 holds) at ``block_m / G`` extra FMAs
+  per weight element and one small dot per group.
+
 With ``split_k > 1`` the programs of one column tile write fp32 partial sums that XLA adds.
 
 ``method="vector"`` (M = 1 only) skips the tensor cores: it accumulates ``w * (x * s)`` in an fp32
@@ -53,11 +58,14 @@ rounded once by its scale product, then accumulated in fp32; the tests bound the
 fp32 summation error. As in ``scaled_matmul``, an E8M0 scale below ``2**-126`` or a product that
 leaves fp32's range is outside that statement.
 
-Cost model (per weight element, 4.25 or 4.5 bits of traffic): 2.5 integer instructions of decode,
-``block_m / G`` fp32 FMAs of scaling, the shared-memory round trip of the dot's B operand; at H100
-rates (~60 integer instructions per clock per SM, ~13 bytes per clock per SM of HBM bandwidth) the
-decode alone is close to the memory time, so the kernel sits near the border between ALU- and
-memory-bound (measured numbers: ``benchmarks/packed_matmul.py``).
+Measured (H100, ``benchmarks/packed_matmul.py``): at M <= 16 the kernel runs at 1.0-1.25x the
+speed of XLA's bf16 ``dot`` (22-31% of copy bandwidth), not the ~3.8x the bytes allow; it is bound
+by instructions, not memory: the time hardly changes with the decode (the bits decode is only
+~25% slower than the 2.5-instruction PTX one) and scales with the element count, about 12-25
+instructions per weight element in all -- the decoded tile's trip through shared memory into the
+MMA operand layout, the fp32 scaling and the conversions around it. Reaching the memory floor
+needs a decode that writes the MMA operand registers directly (no layout conversion), which
+Pallas' Triton backend does not expose.
 """
 
 from __future__ import annotations
@@ -88,8 +96,10 @@ DEFAULT_BLOCK_K = 256
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
 DEFAULT_K_MULTIPLE = 256
+DEFAULT_N_MULTIPLE = 64
 _GROUP_SIZES = (16, 32, 64, 128)
 _METHODS = ("dot", "vector")
+_SCALE_MODES = ("auto", "weight", "acc")
 _DECODES = ("auto", "asm", "asm_split", "bits")
 _OUT_DTYPES = (jnp.bfloat16, jnp.float32)
 
@@ -124,8 +134,9 @@ def supports(fmt: F.FormatLike) -> bool:
     Example:
       >>> supports("nvfp4"), supports("mxfp8")
       (True, False)
-      >>> int4_g128 = dataclasses.replace(F.get("int4"), name="int4_g128", scaling=dataclasses.replace(
-      ...     F.get("int4").scaling, granularity=F.Block(128)))
+      >>> int4 = F.get("int4")
+      >>> int4_g128 = dataclasses.replace(int4, name="int4_g128", scaling=dataclasses.replace(
+      ...     int4.scaling, granularity=F.Block(128)))
       >>> supports(int4_g128)
       True
     """
@@ -168,12 +179,12 @@ class PackedWeight:
     """A ``(K, N)`` weight quantized along K, in the layout :func:`packed_matmul` reads.
 
     Attributes:
-      data: uint8 ``(Kp / 2, N)``: byte ``[r, n]`` holds the 4-bit sign-magnitude code of
-        ``W[r, n]`` (low nibble) and of ``W[r + Kp / 2, n]`` (high nibble); rows ``>= K`` are zero
-        codes. Bit 3 of a code is the sign, bits 0-2 the magnitude index (E2M1: its code; int4:
-        ``|q|``).
-      scales: ``(Kp / G, N)`` group scales along K: uint8 codes for E8M0 / E4M3 scales, bf16 or
-        fp32 values for int4; groups past K hold the scale 1.
+      data: uint8 ``(Kp / 2, Np)`` (N zero-padded to ``Np``): byte ``[r, n]`` holds the 4-bit
+        sign-magnitude code of ``W[r, n]`` (low nibble) and of ``W[r + Kp / 2, n]`` (high
+        nibble); rows ``>= K`` and columns ``>= N`` are zero codes. Bit 3 of a code is the
+        sign, bits 0-2 the magnitude index (E2M1: its code; int4: ``|q|``).
+      scales: ``(Kp / G, Np)`` group scales along K: uint8 codes for E8M0 / E4M3 scales, bf16 or
+        fp32 values for int4; groups past K and columns past N hold the scale 1.
       tensor_scale: fp32 ``(1,)`` second-level scale (NVFP4) or None.
       fmt: the format (static).
       k, n: the logical weight shape (static).
@@ -206,6 +217,10 @@ class PackedWeight:
         return 2 * self.data.shape[0]
 
     @property
+    def n_padded(self) -> int:
+        return self.data.shape[1]
+
+    @property
     def nbytes(self) -> int:
         """Bytes the kernel reads for the weight: packed elements, scales and tensor scale."""
         return sum(a.size * a.dtype.itemsize for a in (self.data, self.scales, self.tensor_scale)
@@ -220,8 +235,8 @@ class PackedWeight:
         return dequantize(self.unpack(), dtype)
 
 
-def pack_weight(w: QArray | PackedQArray, *,
-                k_multiple: int = DEFAULT_K_MULTIPLE) -> PackedWeight:
+def pack_weight(w: QArray | PackedQArray, *, k_multiple: int = DEFAULT_K_MULTIPLE,
+                n_multiple: int = DEFAULT_N_MULTIPLE) -> PackedWeight:
     """Converts a quantized ``(K, N)`` weight to the layout :func:`packed_matmul` reads (once, at
     load time).
 
@@ -231,6 +246,8 @@ def pack_weight(w: QArray | PackedQArray, *,
       k_multiple: K is zero-padded to a multiple of this power of two (at least twice the group
         size). :func:`packed_matmul` needs ``block_k`` to divide the padded K (``/ split_k``); it
         shrinks ``block_k`` where it does not.
+      n_multiple: N is zero-padded to a multiple of this power of two; ``block_n`` is shrunk to
+        divide the padded N (so the kernel never masks: 256 lets every ``block_n`` run).
 
     Returns:
       A :class:`PackedWeight`; ``pack_weight(q).unpack()`` equals ``q`` leaf for leaf.
@@ -255,29 +272,31 @@ def pack_weight(w: QArray | PackedQArray, *,
     size = fmt.block_size
     if tuple(w.block_shape) != (size, 1):
         raise ValueError(f"scale blocks must be {size}x1 along K; got {w.block_shape}.")
-    if not _is_power_of_two(k_multiple):
-        raise ValueError(f"k_multiple must be a power of two, got {k_multiple}.")
-    return _pack_weight_jit(w, max(k_multiple, 2 * size), kind)
+    for name, v in (("k_multiple", k_multiple), ("n_multiple", n_multiple)):
+        if not _is_power_of_two(v):
+            raise ValueError(f"{name} must be a power of two, got {v}.")
+    return _pack_weight_jit(w, max(k_multiple, 2 * size), max(n_multiple, 16), kind)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _pack_weight_jit(w: QArray, unit: int, kind: str) -> PackedWeight:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _pack_weight_jit(w: QArray, unit: int, n_unit: int, kind: str) -> PackedWeight:
     k, n = w.shape
     size = w.fmt.block_size
     kp = -(-k // unit) * unit
+    np_ = -(-n // n_unit) * n_unit
     if kind == "e2m1":
         codes = w.values.astype(jnp.uint8)  # E2M1 codes are sign-magnitude already
     else:
         q = w.values.astype(jnp.int32)
         codes = (jnp.abs(q) | jnp.where(q < 0, 8, 0)).astype(jnp.uint8)
-    codes = jnp.pad(codes, [(0, kp - k), (0, 0)])
+    codes = jnp.pad(codes, [(0, kp - k), (0, np_ - n)])
     half = kp // 2
     data = codes[:half] | (codes[half:] << 4)
     scales = w.scales
     one = _scale_one(scales)
     if scales.dtype in (jnp.float8_e8m0fnu, jnp.float8_e4m3fn):
         scales = lax.bitcast_convert_type(scales, jnp.uint8)
-    scales = jnp.pad(scales, [(0, kp // size - scales.shape[0]), (0, 0)],
+    scales = jnp.pad(scales, [(0, kp // size - scales.shape[0]), (0, np_ - n)],
                      constant_values=np.array(one, scales.dtype))
     tensor_scale = None if w.tensor_scale is None else \
         w.tensor_scale.reshape(1).astype(jnp.float32)
@@ -288,13 +307,13 @@ def _pack_weight_jit(w: QArray, unit: int, kind: str) -> PackedWeight:
 def _unpack_weight(pw: PackedWeight) -> QArray:
     fmt = pw.fmt
     size = fmt.block_size
-    codes = jnp.concatenate([pw.data & 0xF, pw.data >> 4], axis=0)[:pw.k]
+    codes = jnp.concatenate([pw.data & 0xF, pw.data >> 4], axis=0)[:pw.k, :pw.n]
     if _element_kind(fmt) == "e2m1":
         values = codes
     else:
         magnitude = (codes & 7).astype(jnp.int8)
         values = jnp.where((codes & 8) != 0, -magnitude, magnitude)
-    scales = pw.scales[: -(-pw.k // size)]
+    scales = pw.scales[: -(-pw.k // size), :pw.n]
     if fmt.scaling.scale.power_of_two:
         scales = lax.bitcast_convert_type(scales, jnp.float8_e8m0fnu)
     elif fmt.scaling.scale.name == "e4m3":
@@ -514,8 +533,8 @@ def _decode_bits(packed, kind):
 # --------------------------------------------------------------------------- kernel
 
 
-def _kernel(*refs, kind, scale_encoding, has_tensor_scale, method, decode, group, rows_per_split,
-            rows_per_step, steps, half):
+def _kernel(*refs, kind, scale_encoding, has_tensor_scale, method, scale_mode, decode, group,
+            rows_per_split, rows_per_step, steps, half):
     refs = list(refs)
     o_ref = refs.pop()
     x_ref, w_ref, s_ref = refs[:3]
@@ -524,85 +543,107 @@ def _kernel(*refs, kind, scale_encoding, has_tensor_scale, method, decode, group
     groups_per_step = rows_per_step // group
     first_group = split * (rows_per_split // group)
     half_groups = half // group
-    block_n = w_ref.shape[1]
+    block_n = w_ref.shape[-1]
+    decoder = {"asm": _decode_asm, "asm_split": _decode_asm_split, "bits": _decode_bits}[decode]
 
-    def scale(g):
-        codes = s_ref[pl.ds(g, 1), :]
+    def scales(codes, tensor_scale):
         if scale_encoding.name in ("bf16", "fp32"):
             s = codes.astype(jnp.float32)
         else:
             s = _decode_block_scales(codes, scale_encoding)
-        if has_tensor_scale:
-            s = s * t_ref[0]
-        return s  # (1, block_n)
+        return s * t_ref[0] if tensor_scale else s
 
-    decoder = {"asm": _decode_asm, "asm_split": _decode_asm_split, "bits": _decode_bits}[decode]
-
-    def body(step, acc):
+    def body_acc(step, acc):
+        """Scales on the fp32 partial product of each group (exact for every format)."""
         for j in range(groups_per_step):
             g = first_group + step * groups_per_step + j
-            row = pl.multiple_of(g * group, group)
-            low, high = decoder(w_ref[pl.ds(row, group), :], kind)
+            low, high = decoder(w_ref[pl.ds(pl.multiple_of(g * group, group), group), :], kind)
             for g_x, w in ((g, low), (g + half_groups, high)):
                 cols = pl.ds(pl.multiple_of(g_x * group, group), group)
+                s = scales(s_ref[pl.ds(g_x, 1), :], has_tensor_scale)  # (1, block_n)
                 if method == "dot":
                     part = jnp.dot(x_ref[:, cols], w, preferred_element_type=jnp.float32)
-                    acc = acc + part * scale(g_x)
+                    acc = acc + part * s
                 else:  # x is (Kp, 1): one activation per row of the weight tile
-                    xs = x_ref[cols, :].astype(jnp.float32) * scale(g_x)
-                    acc = acc + w.astype(jnp.float32) * xs
+                    acc = acc + w.astype(jnp.float32) * (x_ref[cols, :].astype(jnp.float32) * s)
         return acc
 
-    if method == "dot":
-        acc = jnp.zeros((x_ref.shape[0], block_n), jnp.float32)
-    else:
-        acc = jnp.zeros((group, block_n), jnp.float32)
-    acc = lax.fori_loop(0, steps, body, acc)
+    def body_weight(step, acc):
+        """Scales on the decoded (groups, group, block_n) weight tile, exact in bf16 for E2M1
+        elements; one dot per half and step. The tensor scale multiplies the result."""
+        g = first_group + step * groups_per_step
+        low, high = decoder(w_ref[pl.ds(g, groups_per_step), :, :], kind)
+        for g_x, w in ((g, low), (g + half_groups, high)):
+            s = scales(s_ref[pl.ds(g_x, groups_per_step), :, :], False)  # (groups, 1, block_n)
+            w = (w.astype(jnp.float32) * s).astype(jnp.bfloat16).reshape(rows_per_step, block_n)
+            cols = pl.ds(pl.multiple_of(g_x * group, group), rows_per_step)
+            if method == "dot":
+                acc = acc + jnp.dot(x_ref[:, cols], w, preferred_element_type=jnp.float32)
+            else:
+                acc = acc + w.astype(jnp.float32) * x_ref[cols, :].astype(jnp.float32)
+        return acc
+
+    rows = x_ref.shape[0] if method == "dot" else (group if scale_mode == "acc" else
+                                                   rows_per_step)
+    acc = lax.fori_loop(0, steps, body_acc if scale_mode == "acc" else body_weight,
+                        jnp.zeros((rows, block_n), jnp.float32))
     if method == "vector":
         acc = jnp.sum(acc, axis=0, keepdims=True)
+    if scale_mode == "weight" and has_tensor_scale:
+        acc = acc * t_ref[0]
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k",
                                              "split_k", "num_warps", "num_stages", "method",
-                                             "decode", "interpret"))
+                                             "scale_mode", "decode", "interpret"))
 def _packed_matmul_jit(x, w: PackedWeight, *, out_dtype, block_m, block_n, block_k, split_k,
-                       num_warps, num_stages, method, decode, interpret):
+                       num_warps, num_stages, method, scale_mode, decode, interpret):
     fmt = w.fmt
     kind = _element_kind(fmt)
     group = fmt.block_size
     m = x.shape[0]
-    n, kp = w.n, w.k_padded
+    np_, kp = w.n_padded, w.k_padded
     half = kp // 2
+    # Rows padded to whole tiles (zeros): the kernel never masks a load or a store.
+    mp = m if method == "vector" else -(-m // block_m) * block_m
     x = x.astype(jnp.bfloat16)
-    if x.shape[1] != kp:
-        x = jnp.pad(x, [(0, 0), (0, kp - x.shape[1])])
+    if x.shape != (mp, kp):
+        x = jnp.pad(x, [(0, mp - m), (0, kp - x.shape[1])])
     rows_per_split = half // split_k
     rows_per_step = block_k // 2
-    n_j, n_i = pl.cdiv(n, block_n), pl.cdiv(m, block_m)
+    n_j, n_i = np_ // block_n, mp // block_m
     if method == "vector":
         x = x.reshape(kp, 1)
         x_spec = pl.BlockSpec((kp, 1), lambda j, i, s: (0, 0))
+        n_i = 1
     else:
         x_spec = pl.BlockSpec((block_m, kp), lambda j, i, s: (i, 0))
-    operands = [x, w.data, w.scales]
-    in_specs = [x_spec,
-                pl.BlockSpec((half, block_n), lambda j, i, s: (0, j)),
-                pl.BlockSpec((kp // group, block_n), lambda j, i, s: (0, j))]
+    if scale_mode == "acc":
+        data, scales = w.data, w.scales
+        w_spec = pl.BlockSpec((half, block_n), lambda j, i, s: (0, j))
+        s_spec = pl.BlockSpec((kp // group, block_n), lambda j, i, s: (0, j))
+    else:  # free reshapes: whole groups along a leading axis
+        data = w.data.reshape(half // group, group, np_)
+        scales = w.scales.reshape(kp // group, 1, np_)
+        w_spec = pl.BlockSpec((half // group, group, block_n), lambda j, i, s: (0, 0, j))
+        s_spec = pl.BlockSpec((kp // group, 1, block_n), lambda j, i, s: (0, 0, j))
+    operands = [x, data, scales]
+    in_specs = [x_spec, w_spec, s_spec]
     if w.tensor_scale is not None:
         operands.append(jnp.broadcast_to(w.tensor_scale.astype(jnp.float32), (2,)))
         in_specs.append(pl.BlockSpec((2,), lambda j, i, s: (0,)))
     rows_out = 1 if method == "vector" else block_m
     if split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
         out_spec = pl.BlockSpec((rows_out, block_n), lambda j, i, s: (i, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((split_k, m, n), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((split_k, mp, np_), jnp.float32)
         out_spec = pl.BlockSpec((None, rows_out, block_n), lambda j, i, s: (s, i, j))
     kernel = functools.partial(
         _kernel, kind=kind, scale_encoding=fmt.scaling.scale,
-        has_tensor_scale=w.tensor_scale is not None, method=method, decode=decode, group=group,
-        rows_per_split=rows_per_split, rows_per_step=rows_per_step,
+        has_tensor_scale=w.tensor_scale is not None, method=method, scale_mode=scale_mode,
+        decode=decode, group=group, rows_per_split=rows_per_split, rows_per_step=rows_per_step,
         steps=rows_per_split // rows_per_step, half=half)
     out = pl.pallas_call(
         kernel,
@@ -616,10 +657,24 @@ def _packed_matmul_jit(x, w: PackedWeight, *, out_dtype, block_m, block_n, block
     )(*operands)
     if split_k > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)
+    if out.shape != (m, w.n):
+        out = out[:m, :w.n]
     return out
 
 
-def _check(x, w, out_dtype, block_m, block_n, block_k, split_k, method, decode):
+# Against _shared_memory_estimate: measured on an H100 (Triton 3.6), launches asked for 0.78x to
+# 1.35x the estimate; the limit is 227 KB. Configurations that ran: estimates up to 156 KB.
+_SHARED_BUDGET = 160 * 1024
+
+
+def _shared_memory_estimate(block_m, block_n, rows_per_step, num_stages):
+    """Bytes of shared memory a configuration is expected to need: per pipeline stage the two bf16
+    x tiles and the byte tile, plus the two decoded bf16 tiles on their way to the dot."""
+    per_stage = 4 * block_m * rows_per_step + rows_per_step * block_n
+    return num_stages * per_stage + 4 * rows_per_step * block_n
+
+
+def _check(x, w, out_dtype, block_m, block_n, block_k, split_k, method, scale_mode, decode):
     if not isinstance(w, PackedWeight):
         raise ValueError(f"packed_matmul takes the weight as a PackedWeight (pack_weight(qjax."
                          f"quantize(w, fmt, axis=0))), got {type(w).__name__}.")
@@ -637,6 +692,12 @@ def _check(x, w, out_dtype, block_m, block_n, block_k, split_k, method, decode):
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}.")
     if decode not in _DECODES:
         raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(_DECODES)}.")
+    if scale_mode not in _SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid: {', '.join(_SCALE_MODES)}.")
+    if scale_mode == "weight" and _element_kind(w.fmt) != "e2m1":
+        raise ValueError(f"scale_mode='weight' scales the decoded weights in bf16, exact for E2M1 "
+                         f"elements only; {w.fmt.name!r} has int4 elements (an int4 value times "
+                         f"its scale needs up to 11 bits). Use scale_mode='acc' or 'auto'.")
     group = w.group_size
     for name, v, low in (("block_m", block_m, 16), ("block_n", block_n, 16),
                          ("block_k", block_k, 2 * group)):
@@ -652,7 +713,7 @@ def packed_matmul(x: Float[Array, "*batch k"], w: PackedWeight, *, out_dtype=jnp
                   block_m: int | None = None, block_n: int = DEFAULT_BLOCK_N,
                   block_k: int = DEFAULT_BLOCK_K, split_k: int = 1,
                   num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = DEFAULT_NUM_STAGES,
-                  method: str = "dot", decode: str = "auto",
+                  method: str = "dot", scale_mode: str = "auto", decode: str = "auto",
                   interpret: bool = False) -> Float[Array, "*batch n"]:
     """``x @ dequantize(w)`` with fp32 accumulation, reading the packed weight once.
 
@@ -664,11 +725,14 @@ def packed_matmul(x: Float[Array, "*batch k"], w: PackedWeight, *, out_dtype=jnp
         two, at least 16, at most 128). Rows past M are masked.
       block_n: weight columns per program (power of two >= 16).
       block_k: K elements per loop step (power of two, at least twice the group size); shrunk to
-        divide the padded K / split_k.
+        divide the padded K / split_k, and while the tiles would need too much shared memory.
       split_k: programs per column tile along K (power of two); > 1 writes fp32 partial sums that
         XLA adds (more programs for small N).
       num_warps, num_stages: Triton launch parameters.
       method: ``"dot"`` (bf16 tensor-core dots, any M) or ``"vector"`` (fp32 FMAs, M = 1 only).
+      scale_mode: ``"acc"`` (each group's fp32 partial product times its scale; every format),
+        ``"weight"`` (scaled bf16 weights, one dot per step; E2M1 formats, whose scaled elements
+        are exact in bf16), or ``"auto"``: weight for E2M1, acc for int4.
       decode: ``"asm"`` (inline PTX byte-table decode, GPU only; one routine for both nibbles),
         ``"asm_split"`` (one routine per nibble, through the public ``elementwise_inline_asm``),
         ``"bits"`` (integer and float operations), or ``"auto"``: asm when compiling for the GPU,
@@ -683,7 +747,7 @@ def packed_matmul(x: Float[Array, "*batch k"], w: PackedWeight, *, out_dtype=jnp
       >>> y = packed_matmul(x, pw)                               # x: (M, K) bf16 -> (M, N) bf16
     """
     x = jnp.asarray(x)
-    _check(x, w, out_dtype, block_m, block_n, block_k, split_k, method, decode)
+    _check(x, w, out_dtype, block_m, block_n, block_k, split_k, method, scale_mode, decode)
     batch = x.shape[:-1]
     m = math.prod(batch)
     if method == "vector" and m != 1:
@@ -691,28 +755,41 @@ def packed_matmul(x: Float[Array, "*batch k"], w: PackedWeight, *, out_dtype=jnp
                          f"method='dot'.")
     if m == 0 or w.n == 0:
         return jnp.zeros((*batch, w.n), out_dtype)
+    if scale_mode == "auto":
+        scale_mode = "weight" if _element_kind(w.fmt) == "e2m1" else "acc"
     block_m = block_m or min(128, max(16, _next_power_of_two(m)))
-    block_n = min(block_n, max(16, _next_power_of_two(w.n)))
+    while w.n_padded % block_n:
+        block_n //= 2
     # The PTX routine takes 4 bytes per call, so each thread must hold a multiple of 4 bytes of
     # the (group, block_n) tile: at least 4 per thread of the program.
     asm_fits = w.group_size * block_n >= 4 * 32 * num_warps
+    if block_n < 16:
+        raise ValueError(f"the padded N = {w.n_padded} has no power-of-two divisor >= 16 below "
+                         f"block_n; pack the weight with a larger n_multiple.")
     if decode == "auto":
         decode = "asm" if not interpret and asm_fits else "bits"
     if decode.startswith("asm") and interpret:
         raise ValueError(f"decode={decode!r} is inline PTX and cannot run in the interpreter; use "
                          f"decode='bits' or 'auto'.")
     if decode.startswith("asm") and not asm_fits:
-        raise ValueError(f"decode={decode!r} needs group size x block_n >= 128 x num_warps (4 bytes "
-                         f"per thread); got {w.group_size} x {block_n} with {num_warps} warps. "
-                         f"Raise block_n, lower num_warps, or use decode='bits'.")
+        raise ValueError(f"decode={decode!r} needs group size x block_n >= 128 x num_warps (4 "
+                         f"bytes per thread); got {w.group_size} x {block_n} with {num_warps} "
+                         f"warps. Raise block_n, lower num_warps, or use decode='bits'.")
     rows_per_split = w.k_padded // 2 // split_k
     rows_per_step = block_k // 2
     while rows_per_split % rows_per_step:
         rows_per_step //= 2
+    # Shared memory: Triton stages the x and byte tiles num_stages deep and converts the decoded
+    # tiles to the dot layout through it; past ~227 KB the launch fails, so large tiles shrink.
+    x_rows = 1 if method == "vector" else block_m
+    while (rows_per_step > w.group_size and
+           _shared_memory_estimate(x_rows, block_n, rows_per_step, num_stages) > _SHARED_BUDGET):
+        rows_per_step //= 2
     out = _packed_matmul_jit(x.reshape(m, w.k), w, out_dtype=jnp.dtype(out_dtype),
                              block_m=block_m, block_n=block_n, block_k=2 * rows_per_step,
                              split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                             method=method, decode=decode, interpret=interpret)
+                             method=method, scale_mode=scale_mode, decode=decode,
+                             interpret=interpret)
     return out.reshape(*batch, w.n)
 
 

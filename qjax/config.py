@@ -1,0 +1,44 @@
+"""Library-wide switches.
+
+``use_kernels(False)`` makes every op that would dispatch to a fused Pallas kernel on the GPU
+(``qjax.fake_quant``, ``qjax.quantize``, the fused ``qjax.optim.adamw`` update) take its plain-JAX
+reference path instead: for debugging, for A/B comparisons and benchmarks. The choice is made when
+a function is traced, so it applies to functions traced (first called, or re-jitted) inside the
+context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+_KERNELS = contextvars.ContextVar("qjax_kernels", default=True)
+
+
+def kernels_enabled() -> bool:
+    """Whether ops may dispatch to fused Pallas kernels (default ``True``)."""
+    return _KERNELS.get()
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool) -> Iterator[None]:
+    """Context manager: allow (``True``) or forbid (``False``) the fused Pallas kernels.
+
+    Args:
+      enabled: whether ops traced inside the context may use the kernels.
+
+    Example:
+      >>> x = jnp.linspace(-1.0, 1.0, 64)
+      >>> with qjax.use_kernels(False):
+      ...     y = qjax.fake_quant(x, "mxfp4")   # XLA's version, on any backend
+      >>> y.shape
+      (64,)
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_kernels takes True or False, got {enabled!r}.")
+    token = _KERNELS.set(enabled)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
