@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
 
 from qjax.config import kernels_enabled
 from qjax.optim.params import bf16_params, upcast_inner
@@ -187,7 +186,7 @@ def _fused_update(updates, state, params, *, chain, make_links, b1, b2, eps, wei
     sub_updates, new_sub = optax.chain(*links).update(pick(g_leaves), tuple(sub_state),
                                                      pick(p_leaves), **extra_args)
 
-    count_inc = numerics.safe_increment(adam.count)
+    count_inc = optax.safe_increment(adam.count)
     if callable(learning_rate):
         neg_lr = jnp.asarray(-1 * learning_rate(state[2].count), jnp.float32)
     else:
