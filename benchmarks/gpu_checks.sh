@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
-# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, packed, optim, lm, scaling;
+# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, packed, mlp, optim, lm, scaling;
 # default: all but fqtests and scaling, which needs >= 2 GPUs: nvidia-h200-x2). JSON goes to $OUT.
 set -u
 export PYTHONPATH="$PWD:$PWD/benchmarks"
-parts="${*:-tests bitexact quantize kernel qkernel matmul packed optim lm}"
+parts="${*:-tests bitexact quantize kernel qkernel matmul packed mlp optim lm}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 for part in $parts; do
@@ -21,6 +21,7 @@ for part in $parts; do
               --configs 8x512x4,16x512x4,4x2048x8 2>&1 | tail -16 ;;
     qkernel) timeout 120 python benchmarks/quantize_kernel.py --formats mxfp4,mxfp8,nvfp4 2>&1 | tail -18 ;;
     packed) timeout 300 python benchmarks/packed_matmul.py --budget 240 2>&1 | tail -30 ;;
+    mlp) timeout 400 python benchmarks/mlp_step.py 2>&1 | grep -v Warn | tail -10 ;;
     matmul) [ -f benchmarks/scaled_matmul.py ] && timeout 300 python benchmarks/scaled_matmul.py 2>&1 | tail -40 ;;
     optim) timeout 400 python benchmarks/optim_update.py --hlo --only "optax.adamw" "int8 state + bf16_sr" \
              "fp8 state + bf16_sr" "fp32 state + bf16_sr" 2>&1 | tail -14 ;;

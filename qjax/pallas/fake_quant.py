@@ -384,16 +384,35 @@ def _tile_mask(shape, rows, blocks):
     return jnp.broadcast_to(mask, shape)
 
 
+def _column_tile_mask(shape, blocks, inner):
+    """:func:`_tile_mask` for the layout of a non-last quantized axis: tiles ``(blocks_per_tile,
+    B, block_inner)`` of the view ``(outer, K // B, B, inner)``, grid ``(outer, block tiles,
+    inner tiles)``."""
+    blocks_per_tile, _, block_inner = shape
+    if blocks % blocks_per_tile == 0 and inner % block_inner == 0:
+        return None
+    col = pl.program_id(1) * blocks_per_tile + jnp.arange(blocks_per_tile, dtype=jnp.int32)
+    lane = pl.program_id(2) * block_inner + jnp.arange(block_inner, dtype=jnp.int32)
+    mask = (col[:, None, None] < blocks) & (lane[None, None, :] < inner)
+    return jnp.broadcast_to(mask, shape)
+
+
 def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
-            blocks):
+            blocks, inner):
+    """One tile: ``(block_rows, blocks_per_tile, B)`` with the blocks along the last axis
+    (``inner is None``), or ``(blocks_per_tile, B, block_inner)`` with the blocks along the middle
+    axis (a non-last quantized axis, ``inner`` elements after it)."""
     refs = list(refs)
     x_ref, o_ref = refs.pop(0), refs.pop()
     bits_ref = refs.pop(0) if has_bits else None
     ts_ref = refs.pop(0) if has_tensor_scale else None
     element = fmt.element
-    mask = _tile_mask(x_ref.shape, rows, blocks)
-    b = _bits(_load(x_ref, mask).astype(jnp.float32))  # (block_rows, blocks, B)
-    amax = jnp.max(b & _ABS, axis=-1, keepdims=True)  # max of bit patterns: NaN-propagating
+    if inner is None:
+        mask, block_axis = _tile_mask(x_ref.shape, rows, blocks), -1
+    else:
+        mask, block_axis = _column_tile_mask(x_ref.shape, blocks, inner), 1
+    b = _bits(_load(x_ref, mask).astype(jnp.float32))
+    amax = jnp.max(b & _ABS, axis=block_axis, keepdims=True)  # max of bits: NaN-propagating
     random_bits = _load(bits_ref, mask) if has_bits else None
     if fmt.scaling.scale.power_of_two:
         divisor = _e8m0_exponent(amax, element, scale_mode)
@@ -458,61 +477,70 @@ def _tensor_amax_scale(x, fmt):
     return jnp.stack([scale, _reciprocal(scale)])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10))
 def _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps, num_stages,
-                interpret):
+                interpret, axis):
     return _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                           num_stages, interpret)
+                           num_stages, interpret, axis)
 
 
 @_fake_quant.defjvp
 def _fake_quant_jvp(fmt, rounding, scale_mode, block_rows, block_cols, num_warps, num_stages,
-                    interpret, primals, tangents):
+                    interpret, axis, primals, tangents):
     x, key = primals
     out = _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                      num_stages, interpret)
+                      num_stages, interpret, axis)
     return out, tangents[0]  # straight-through, as qjax.fake_quant
 
 
-def tiled_operands(x, fmt, rounding, key, block_rows, block_cols):
+def tiled_operands(x, fmt, rounding, key, block_rows, block_cols, axis=-1):
     """The grid, tile spec and operands shared by the fused kernels of this package: ``x`` viewed
-    as ``(rows, K // B, B)``, the random bits ``qjax.quantize``/``qjax.fake_quant`` draw for
-    stochastic rounding, and NVFP4's tensor scale with its reciprocal.
+    as ``(rows, K // B, B)`` (``axis`` last) or ``(outer, K // B, B, inner)`` (any other axis; a
+    program takes ``block_cols // B`` blocks of ``block_rows`` consecutive inner columns), the
+    random bits ``qjax.quantize``/``qjax.fake_quant`` draw for stochastic rounding, and NVFP4's
+    tensor scale with its reciprocal.
 
     Returns:
-      ``(grid, tile, operands, in_specs, rows)``.
+      ``(grid, tile, operands, in_specs, rows, inner)``; ``inner`` is None for the last axis.
     """
     shape = x.shape
+    axis = axis % len(shape)
     size = fmt.block_size
-    k = shape[-1]
-    m = math.prod(shape[:-1])
-    x3 = x.reshape(m, k // size, size)
+    k = shape[axis]
     blocks_per_tile = block_cols // size
-    grid = (pl.cdiv(m, block_rows), pl.cdiv(k // size, blocks_per_tile))
-    tile = pl.BlockSpec((block_rows, blocks_per_tile, size), lambda i, j: (i, j, 0))
-    operands, in_specs = [x3], [tile]
+    if axis == len(shape) - 1:
+        m, inner = math.prod(shape[:-1]), None
+        view = x.reshape(m, k // size, size)
+        grid = (pl.cdiv(m, block_rows), pl.cdiv(k // size, blocks_per_tile))
+        tile = pl.BlockSpec((block_rows, blocks_per_tile, size), lambda i, j: (i, j, 0))
+    else:
+        m, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+        view = x.reshape(m, k // size, size, inner)
+        grid = (m, pl.cdiv(k // size, blocks_per_tile), pl.cdiv(inner, block_rows))
+        tile = pl.BlockSpec((None, blocks_per_tile, size, block_rows),
+                            lambda o, j, i: (o, j, 0, i))
+    operands, in_specs = [view], [tile]
     if rounding == "stochastic":
         grouped = []  # the grouped view the XLA quantizers draw their random bits for
-        for n in shape[:-1]:
-            grouped += [n, 1]
-        grouped += [k // size, size]
-        operands.append(jax.random.bits(key, tuple(grouped), jnp.uint32).reshape(x3.shape))
+        for i, n in enumerate(shape):
+            grouped += [k // size, size] if i == axis else [n, 1]
+        operands.append(jax.random.bits(key, tuple(grouped), jnp.uint32).reshape(view.shape))
         in_specs.append(tile)
     if fmt.scaling.tensor_scale:
         operands.append(_tensor_amax_scale(x, fmt))
-        in_specs.append(pl.BlockSpec((2,), lambda i, j: (0,)))
-    return grid, tile, operands, in_specs, m
+        in_specs.append(pl.BlockSpec((2,), lambda *ids: (0,)))
+    return grid, tile, operands, in_specs, m, inner
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10))
 def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                    num_stages, interpret):
-    grid, tile, operands, in_specs, m = tiled_operands(x, fmt, rounding, key, block_rows,
-                                                       block_cols)
+                    num_stages, interpret, axis):
+    grid, tile, operands, in_specs, m, inner = tiled_operands(x, fmt, rounding, key, block_rows,
+                                                              block_cols, axis)
     kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
                                has_bits=rounding == "stochastic",
                                has_tensor_scale=fmt.scaling.tensor_scale, interpret=interpret,
-                               rows=m, blocks=operands[0].shape[1])
+                               rows=m, blocks=operands[0].shape[1], inner=inner)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(operands[0].shape, x.dtype),
@@ -527,7 +555,7 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
 
 
 def check_arguments(x, fmt: F.Format, rounding, key, scale_mode, block_rows, block_cols, *,
-                    caller: str, fallback: str) -> None:
+                    caller: str, fallback: str, axis: int = -1) -> None:
     """The argument checks of the fused kernels (:func:`fake_quant_pallas` and
     ``qjax.pallas.quantize_pallas``): ValueError/TypeError naming the problem and the choices."""
     if rounding not in ("nearest", "stochastic"):
@@ -544,12 +572,14 @@ def check_arguments(x, fmt: F.Format, rounding, key, scale_mode, block_rows, blo
                         f"{x.dtype}.")
     if x.ndim == 0:
         raise ValueError(f"{caller} needs an array of rank >= 1; got a scalar.")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{caller}: axis {axis} is out of range for an array of rank {x.ndim}.")
     size = fmt.block_size
-    if x.shape[-1] % size:
+    if x.shape[axis] % size:
         raise ValueError(
-            f"{caller} quantizes along the last axis in blocks of {size} ({fmt.name}): "
-            f"its length must be a multiple of {size}, got shape {x.shape}. Pad the last axis to "
-            f"{-(-x.shape[-1] // size) * size} (zeros give what {fallback} computes), or use "
+            f"{caller} quantizes along axis {axis} in blocks of {size} ({fmt.name}): "
+            f"its length must be a multiple of {size}, got shape {x.shape}. Pad that axis to "
+            f"{-(-x.shape[axis] // size) * size} (zeros give what {fallback} computes), or use "
             f"{fallback}.")
     if block_cols % size or not _is_power_of_two(block_cols // size):
         raise ValueError(f"block_cols must be the block size {size} times a power of two, got "
@@ -561,25 +591,27 @@ def check_arguments(x, fmt: F.Format, rounding, key, scale_mode, block_rows, blo
 def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=None,
                       scale_mode: str = "floor", block_rows: int = DEFAULT_BLOCK_ROWS,
                       block_cols: int = DEFAULT_BLOCK_COLS, num_warps: int = DEFAULT_NUM_WARPS,
-                      num_stages: int | None = None, interpret: bool = False):
-    """``qjax.fake_quant(x, fmt, axis=-1, ...)`` as one fused Pallas kernel, bit for bit.
+                      num_stages: int | None = None, interpret: bool = False, axis: int = -1):
+    """``qjax.fake_quant(x, fmt, axis=axis, ...)`` as one fused Pallas kernel, bit for bit.
 
     Args:
-      x: float32, bfloat16 or float16 array of rank >= 1, quantized along its last axis; leading
-        axes are flattened into rows. The last axis must be a multiple of the format's block size
-        (pad it first: padding with zeros gives the blocks ``qjax.fake_quant`` pads implicitly).
+      x: float32, bfloat16 or float16 array of rank >= 1, quantized along ``axis``, whose length
+        must be a multiple of the format's block size (pad it first: padding with zeros gives the
+        blocks ``qjax.fake_quant`` pads implicitly).
       fmt: a format with ``Block`` scaling and the absmax statistic (:func:`supports`): mxfp8,
         mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, mxint8, int4, nvfp4, or a user-built one.
       rounding: ``"nearest"`` or ``"stochastic"`` (needs ``key``; the random bits are those of
         ``qjax.fake_quant``, generated by XLA and read by the kernel).
       key: PRNG key for stochastic rounding.
       scale_mode: ``"floor"`` or ``"rceil"`` (E8M0 scales only).
-      block_rows: rows per program (a power of two).
-      block_cols: elements of the last axis per program: a multiple of the block size whose
+      block_rows: rows per program (a power of two): for a non-last ``axis``, consecutive columns
+        of the axes after it (the blocks of one program run down that many columns).
+      block_cols: elements of the quantized axis per program: a multiple of the block size whose
         quotient by it is a power of two. Both are capped to the array (rounded up to a power of
         two); partial edge tiles are masked.
       num_warps, num_stages: Triton launch parameters (None: Pallas' defaults).
       interpret: run the kernel in the Pallas interpreter (any backend; for tests on CPU).
+      axis: the quantized axis (the blocks run along it), as in ``qjax.fake_quant``.
 
     Returns:
       An array of ``x``'s shape and dtype. The derivative is the straight-through estimator.
@@ -591,14 +623,15 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
                          f"statistic (mxfp*, mxint8, int4, nvfp4); {fmt.name!r} has none. Use "
                          f"qjax.fake_quant.")
     check_arguments(x, fmt, rounding, key, scale_mode, block_rows, block_cols,
-                    caller="fake_quant_pallas", fallback="qjax.fake_quant")
+                    caller="fake_quant_pallas", fallback="qjax.fake_quant", axis=axis)
     if x.size == 0:
         return x
+    axis = axis % x.ndim
     size = fmt.block_size
-    rows = math.prod(x.shape[:-1])
+    rows = math.prod(x.shape[:-1]) if axis == x.ndim - 1 else math.prod(x.shape[axis + 1:])
     block_rows = min(block_rows, _next_power_of_two(rows))
-    block_cols = min(block_cols, size * _next_power_of_two(x.shape[-1] // size))
+    block_cols = min(block_cols, size * _next_power_of_two(x.shape[axis] // size))
     if rounding == "nearest":
         key = None
     return _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                       num_stages, interpret)
+                       num_stages, interpret, axis)

@@ -208,8 +208,8 @@ def _value_storage(codes, element):
 def _quantize_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
                   num_stages, interpret):
     shape = x.shape
-    grid, tile, operands, in_specs, m = FQ.tiled_operands(x, fmt, rounding, key, block_rows,
-                                                          block_cols)
+    grid, tile, operands, in_specs, m, _ = FQ.tiled_operands(x, fmt, rounding, key, block_rows,
+                                                             block_cols)
     x3 = operands[0]
     blocks = x3.shape[1]
     scale_tile = pl.BlockSpec((block_rows, block_cols // fmt.block_size, 1), lambda i, j: (i, j, 0))
