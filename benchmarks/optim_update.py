@@ -183,12 +183,11 @@ def run_benchmark(args):
         grads = random_tree(shapes, g_dtype, 1e-3, seed=1)
         state = jax.jit(opt.init)(params)
 
-        def step(p, g, s, opt=opt):
+        def optax_step(p, g, s, opt=opt):
             updates, s = opt.update(g, s, p)
             return optax.apply_updates(p, updates), s
 
-        if custom:
-            step = custom[0]
+        step = custom[0] if custom else optax_step
 
         fn = jax.jit(step, donate_argnums=(0, 2))
         kernels = None

@@ -49,8 +49,8 @@ def main():
         print(f"{name}: fake_quant compiles to {fusions} fusion call(s)")
 
     print(f"\n{environment()} | array {n}x{n} bf16")
-    print(f"| op | time (us) | ratio to x*2 | GB/s (bytes that must move) |")
-    print(f"|---|---|---|---|")
+    print("| op | time (us) | ratio to x*2 | GB/s (bytes that must move) |")
+    print("|---|---|---|---|")
     results = []
     for label, t, moved in rows:
         print(f"| {label} | {t * 1e6:.1f} | {t / t_copy:.2f} | {moved / t / 1e9:.0f} |")

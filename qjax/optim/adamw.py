@@ -7,7 +7,6 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from qjax.config import kernels_enabled

@@ -54,7 +54,6 @@ scaling (E4M3 block-16 scale + FP32 tensor scale), Blackwell / Transformer Engin
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
