@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import pathlib
 import shlex
+import subprocess
 import sys
 import time
 
@@ -107,7 +109,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="orbax checkpoint period in steps (0: no checkpoints)")
     parser.add_argument("--resume", action="store_true",
                         help="continue each recipe from its latest checkpoint in --out")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="train up to this many recipes at once, each in its own process "
+                             "(on GPUs: process i on GPU i mod the GPU count; logs in "
+                             "OUT/logs/), then write the combined table")
     return parser.parse_args(argv)
+
+
+def train_in_parallel(recipes: list[str], argv: list[str], out: pathlib.Path, workers: int,
+                      gpus: int) -> None:
+    """Trains each recipe in its own ``train_lm.py`` process (at most ``workers`` at a time);
+    each saves its history into ``out/histories``, which the caller then reports."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(recipes), [], []
+    free_slots = list(range(workers))
+    while pending or running:
+        while pending and free_slots:
+            recipe, slot = pending.pop(0), free_slots.pop(0)
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            # The later --recipes / --parallel win over the user's (argparse keeps the last).
+            command = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv,
+                       "--recipes", recipe, "--parallel", "1", "--out", str(out)]
+            log = (logs / f"{recipe}.log").open("w")
+            print(f"[{recipe}] started (log: {logs / f'{recipe}.log'})", flush=True)
+            running.append((recipe, slot, log, subprocess.Popen(command, stdout=log,
+                                                                stderr=subprocess.STDOUT,
+                                                                env=env)))
+        time.sleep(0.5)
+        for item in list(running):
+            recipe, slot, log, process = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            free_slots.append(slot)
+            print(f"[{recipe}] {'done' if process.returncode == 0 else 'FAILED'}", flush=True)
+            if process.returncode:
+                failed.append(recipe)
+    if failed:
+        raise RuntimeError(f"recipes {', '.join(failed)} failed; see their logs in {logs}.")
 
 
 def parse_recipes(text: str) -> list[str]:
@@ -203,6 +246,11 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
     """Runs the command line ``argv`` and returns the final table's rows."""
     args = parse_args(argv)
     recipes = parse_recipes(args.recipes)
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel must be >= 1, got {args.parallel}.")
+    if args.parallel > 1:
+        # The workers need the GPU memory: this process must not preallocate it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = build_config(args)
     for recipe in recipes:  # fail on a bad recipe/model combination before training anything
         dataclasses.replace(config.model, recipe=recipe)
@@ -220,6 +268,11 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
     if not plotting:
         print("matplotlib is not installed: loss.png will not be written (pip install "
               "matplotlib); the curves go to curves.csv.")
+    if args.parallel > 1 and len(recipes) > 1:
+        gpus = jax.device_count() if jax.default_backend() == "gpu" else 0
+        train_in_parallel(recipes, sys.argv[1:] if argv is None else list(argv), out,
+                          args.parallel, gpus)
+        args.resume = True  # every recipe is trained: the loop below collects and reports
     saved = load_histories(out / "histories", config)
     earlier = {r: h for r, h in saved.items() if r not in recipes}
     if earlier:

@@ -73,6 +73,18 @@ def test_train_lm_two_recipes_write_table_and_loss_decreases(tmp_path):
     again = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16", "--resume",
                            "--out", str(tmp_path)])
     assert [(r.recipe, r.val_loss) for r in again] == [(r.recipe, r.val_loss) for r in rows]
+    # --parallel: each recipe in its own process, the same numbers, one combined table
+    parallel = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16,mxfp8", "--parallel",
+                              "2", "--out", str(tmp_path / "parallel")])
+    assert [(r.recipe, r.val_loss) for r in parallel] == [(r.recipe, r.val_loss) for r in rows]
+    assert sorted(p.name for p in (tmp_path / "parallel" / "logs").iterdir()) == [
+        "bf16.log", "mxfp8.log"]
+
+
+def test_parallel_workers_that_fail_are_named(tmp_path):
+    with pytest.raises(RuntimeError, match="recipes bf16 failed; see their logs"):
+        train_lm.train_in_parallel(["bf16"], ["--no-such-flag"], tmp_path, workers=1, gpus=0)
+    assert "unrecognized arguments: --no-such-flag" in (tmp_path / "logs" / "bf16.log").read_text()
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
