@@ -581,7 +581,12 @@ def _element_storage(elements, element: F.ElementEncoding):
     """Stored element values from on-grid float32 values."""
     if isinstance(element, (F.IntEncoding, F.BinaryEncoding)):
         return jnp.round(elements * 2.0**_fraction_bits(element)).astype(jnp.int8)
-    code = encode(elements, element)
+    return code_storage(encode(elements, element), element)
+
+
+def code_storage(code: Integer[Array, "..."], element: F.FloatEncoding) -> Array:
+    """A float element's bit codes in ``QArray.values``' dtype: ``float8_e4m3fn`` /
+    ``float8_e5m2`` for fp8, ``uint16`` above 8 bits, ``uint8`` otherwise."""
     if element.bits > 8:
         return code.astype(jnp.uint16)
     code = code.astype(jnp.uint8)

@@ -642,18 +642,17 @@ def adamw_8bit_reference(grad: Float[Array, "..."], param: Float[Array, "..."], 
       >>> mu.scales.shape
       (2, 2)
     """
-    from qjax.optim.state import _from_blocks, _to_blocks
+    from qjax.optim.state import _from_blocks, _to_blocks, dequantize_tensor
 
     _check(grad, param, mu, nu, param_mode)
     ops = _Ops(False)
     shape, bs = param.shape, mu.block_size
     n = shape[-1]
     blocks = lambda x: _to_blocks(x, bs)
-    tables = np.stack([_codes.dynamic_code(8, True), _codes.dynamic_code(8, False)])
-    m_old = _codes.lookup(blocks(mu.codes), tables, mu.block_info.astype(jnp.int32)[..., None])
-    n_old = _codes.lookup(blocks(nu.codes), tables, nu.block_info.astype(jnp.int32)[..., None])
-    m_old = m_old * mu.scales[..., None]
-    n_old = n_old * nu.scales[..., None]
+    # Padding past the last element decodes to 0 here; it is masked before the block statistics
+    # and cropped from every output, so what it holds does not matter.
+    m_old = blocks(dequantize_tensor(mu, jnp.float32))
+    n_old = blocks(dequantize_tensor(nu, jnp.float32))
     g = blocks(grad.astype(jnp.float32))
     w = blocks(param.astype(jnp.float32))
     h = [hyper[k] for k in range(16)]

@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, Key
 
 from qjax import formats as F
-from qjax.quantize import QArray, quantize
+from qjax.quantize import QArray, code_storage, quantize
 from qjax.pallas import fake_quant as FQ
 
 __all__ = ["quantize_pallas", "supports"]
@@ -195,15 +195,6 @@ def _scale_storage(fmt):
             "e4m3": (jnp.uint8, jnp.float8_e4m3fn)}.get(name, (jnp.uint8, jnp.uint8))
 
 
-def _value_storage(codes, element):
-    """QArray ``values`` from uint8 codes (``qjax.quantize._element_storage``'s dtypes)."""
-    if element == F.E4M3_ELEM:
-        return lax.bitcast_convert_type(codes, jnp.float8_e4m3fn)
-    if element == F.E5M2_ELEM:
-        return lax.bitcast_convert_type(codes, jnp.float8_e5m2)
-    return codes
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9))
 def _quantize_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
                   num_stages, interpret):
@@ -232,7 +223,7 @@ def _quantize_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num
         interpret=interpret,
         name=f"quantize_{fmt.name}",
     )(*operands)
-    values = _value_storage(codes.reshape(shape), fmt.element)
+    values = code_storage(codes.reshape(shape), fmt.element)
     scales = lax.bitcast_convert_type(scales.reshape(*shape[:-1], blocks), stored_dtype)
     block_shape = fmt.scaling.granularity.block_shape(shape, len(shape) - 1)
     return QArray(values, scales, tensor_scale, fmt, -1, block_shape, x.dtype)
