@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import qjax
-from timing import environment, median_seconds, storage_bits
+from timing import environment, median_seconds, same_bits
 
 
 def main():
@@ -39,8 +39,7 @@ def main():
         with qjax.use_kernels(False):  # XLA's version, where the line above used a kernel
             q_xla = jax.jit(lambda x, name=name: qjax.quantize(x, name))
             reference = q_xla(x)
-        same = all(bool(jnp.all(storage_bits(a) == storage_bits(b)))
-                   for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(reference)))
+        same = same_bits(packed, reference)
         rows.append((f"quantize {name}, XLA only (use_kernels(False)); same bits as above: {same}",
                      median_seconds(q_xla, x), nbytes + out_bytes))
         dq = jax.jit(lambda q: q.dequantize())

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 import qjax
 from qjax.pallas import quantize_pallas
-from timing import environment, median_seconds, storage_bits
+from timing import environment, median_seconds, same_bits
 
 
 def main():
@@ -37,8 +37,7 @@ def main():
                 x, name, block_rows=rows, block_cols=cols, num_warps=warps,
                 interpret=jax.default_backend() != "gpu"))  # CPU: a smoke run of the script
             out = fn(x)
-            same = all(bool(jnp.all(storage_bits(a) == storage_bits(b)))
-                       for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
+            same = same_bits(out, reference)
             t = median_seconds(fn, x)
             print(f"| {name} | {t_xla * 1e6:.1f} | {config} | {t * 1e6:.1f} | {t / t_copy:.2f} | {same} |",
                   flush=True)

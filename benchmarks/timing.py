@@ -31,7 +31,11 @@ def environment() -> str:
             f"Python {platform.python_version()}")
 
 
-def storage_bits(a):
-    """An array's bits as unsigned integers of its width (to compare float8/bf16 storage exactly)."""
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
-    return a if a.dtype == width else jax.lax.bitcast_convert_type(a, width)
+def same_bits(tree_a, tree_b) -> bool:
+    """Whether two pytrees of arrays (e.g. two QArrays) hold the same bits, leaf by leaf."""
+    def bits(a):
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
+        return a if a.dtype == width else jax.lax.bitcast_convert_type(a, width)
+
+    return all(bool(jnp.all(bits(a) == bits(b)))
+               for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True))
