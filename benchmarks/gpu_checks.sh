@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
-# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, packed, mlp, optim, lm, scaling;
-# default: all but fqtests and scaling, which needs >= 2 GPUs: nvidia-h200-x2). JSON goes to $OUT.
+# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, packed, mlp, optim, lm, lmprofile, scaling;
+# default: all but fqtests, lmprofile and scaling, which needs >= 2 GPUs: nvidia-h200-x2).
 set -u
 export PYTHONPATH="$PWD:$PWD/benchmarks"
 parts="${*:-tests bitexact quantize kernel qkernel matmul packed mlp optim lm}"
@@ -25,6 +25,8 @@ for part in $parts; do
     matmul) [ -f benchmarks/scaled_matmul.py ] && timeout 300 python benchmarks/scaled_matmul.py 2>&1 | tail -40 ;;
     optim) timeout 400 python benchmarks/optim_update.py --hlo --only "optax.adamw" "int8 state + bf16_sr" \
              "fp8 state + bf16_sr" "fp32 state + bf16_sr" 2>&1 | tail -14 ;;
+    lmprofile) timeout 300 python benchmarks/lm_step_profile.py --recipes flax,bf16,mxfp4 \
+                 --trace "${OUT:-/tmp}/lm_traces" 2>&1 | grep -v Warn | tail -45 ;;
     scaling) timeout 580 python benchmarks/lm_scaling.py --preset base --recipe mxfp4 --steps 30 \
                --out "${OUT:-/tmp}/scaling" 2>&1 | grep -v Warn | tail -8 ;;
     lm) timeout 300 python examples/train_lm.py --preset small --steps 40 --eval-every 1000 \

@@ -189,6 +189,28 @@ def test_bf16_recipe_model_equals_the_plain_flax_twin():
                                   flax_model.apply(params, tokens))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_hot_lookup_equals_the_embedding_lookup_and_its_gradient(dtype):
+    import flax.linen as nn
+
+    module = nn.Embed(D.VOCAB_PADDED, 16, dtype=dtype)
+    tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, D.VOCAB)
+    params = module.init(jax.random.key(0), tokens)
+    cotangent = jax.random.normal(jax.random.key(2), (4, 64, 16), dtype)
+
+    def pullback(fn):
+        out, vjp = jax.vjp(lambda p: module.apply(p, tokens, method=fn), params)
+        return out, vjp(cotangent)[0]
+
+    out, grads = pullback(M.lookup)
+    want_out, want_grads = pullback(lambda m, t: m(t))
+    np.testing.assert_array_equal(out, want_out)
+    # The matmul sums the rows' cotangents in float32; the scatter in the compute dtype.
+    tolerance = 0 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(grads["params"]["embedding"], want_grads["params"]["embedding"],
+                               rtol=tolerance, atol=tolerance * 1e-1 + 1e-6)
+
+
 def test_quantized_attention_is_close_to_exact_attention():
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, D.VOCAB)
     exact, quantized = (M.Decoder(_tiny(recipe="mxfp8", attention=a)) for a in ("xla", "quantized"))

@@ -139,6 +139,28 @@ def test_weight_rounding_is_unbiased_over_keys():
     assert np.mean(samples.std(0) > 0) > 0.9  # really random
 
 
+def test_reference_step_is_ieee_float32_as_in_numpy():
+    # XLA's simplifier rewrites divisions and contracts products unless every result is behind a
+    # barrier; the kernel's inline PTX is IEEE, so the reference must be too.
+    rng = np.random.default_rng(0)
+    g, w, m, v = (rng.standard_normal((16, 256)).astype(np.float32) * s
+                  for s in (1e-3, 0.02, 1e-3, 1e-3))
+    v = v * v
+    h = np.asarray(K.hyperparameters(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
+                                     neg_lr=-1e-3, count_inc=jnp.int32(7)))
+    step = functools.partial(K._step, ops=K._Ops(False), param_mode="fp32", decay=True,
+                             decay_bf16=False)
+    u, mu, nu = jax.jit(lambda *a: step(*a[:4], [a[4][i] for i in range(16)]))(g, w, m, v, h)
+    c = {name: h[i] for name, i in K._H.items()}
+    want_mu = c["one_minus_b1"] * g + c["b1"] * m
+    want_nu = c["one_minus_b2"] * (g * g) + c["b2"] * v
+    adam = (want_mu / c["bc1"]) / (np.sqrt(want_nu / c["bc2"]) + c["eps"])
+    want_u = c["neg_lr"] * (adam + c["weight_decay"] * w)
+    assert want_u.dtype == np.float32
+    for got, want in ((mu, want_mu), (nu, want_nu), (u, want_u)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 # --------------------------------------------------------------------------- kernel vs reference
 
 

@@ -26,9 +26,14 @@ interpret = functools.partial(quantize_pallas, interpret=True)
 
 
 def _storage_bits(a):
+    """The stored bits; NaNs of wide float scales (bf16, fp32: many NaN codes, and XLA on the
+    GPU and CPU write different ones, 0x7FFF / 0x7FC0 in bf16) as one canonical NaN. Formats
+    with a single NaN code (E8M0, E4M3) keep their bits."""
     a = jnp.asarray(a)
     if a.dtype in (jnp.int8, jnp.uint8, jnp.uint16, jnp.uint32):
         return np.asarray(a)
+    if a.dtype in (jnp.bfloat16, jnp.float32):
+        a = jnp.where(jnp.isnan(a), jnp.asarray(np.nan, a.dtype), a)
     width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
     return np.asarray(jax.lax.bitcast_convert_type(a, width))
 
@@ -69,6 +74,19 @@ def test_stochastic_bit_identical(fmt, scale_mode):
                     block_rows=32, block_cols=64)
     assert_same_qarray(out, qjax.quantize(x, fmt, rounding="stochastic", key=key,
                                           scale_mode=scale_mode))
+
+
+@pytest.mark.parametrize("fmt", ["mxint8", "int4"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_integer_elements_bit_identical(fmt, rounding):
+    x = np.array(adversarial_stack()[:96])  # NaN/Inf blocks store 0 elements, as XLA converts
+    if fmt == "int4":  # bf16 scales: float products, kept in the normal range (see nvfp4 below)
+        x = np.where(np.abs(x) < 2.0**-100, np.float32(0), x)
+    key = jax.random.key(5) if rounding == "stochastic" else None
+    x = jnp.asarray(x)
+    out = interpret(x, fmt, rounding=rounding, key=key, block_rows=32, block_cols=64)
+    assert out.values.dtype == jnp.int8
+    assert_same_qarray(out, qjax.quantize(x, fmt, rounding=rounding, key=key))
 
 
 def test_nvfp4_bit_identical():
@@ -125,7 +143,7 @@ def test_supports_and_argument_checks():
     x = jnp.ones((4, 64))
     assert quantize_supports("mxfp4") and quantize_supports("nvfp4")
     assert not quantize_supports("fp8_e4m3") and not quantize_supports("ternary")
-    assert not quantize_supports("mxint8") and not quantize_supports("int4")  # see supports()
+    assert quantize_supports("mxint8") and quantize_supports("int4")
     assert not quantize_supports(qjax.formats.float_format(8, 3, block_size=32))  # 12-bit element
     with pytest.raises(ValueError, match="at most 8 bits"):
         quantize_pallas(x, "fp8_e4m3", interpret=True)
@@ -141,17 +159,24 @@ def test_supports_and_argument_checks():
 
 # --------------------------------------------------------------------------- GPU (Triton)
 
-GPU_FORMATS = MX + ("nvfp4",)
+GPU_FORMATS = MX + ("nvfp4", "mxint8", "int4")
 
 
 def reference(x, fmt, **kwargs):
     """MX: qjax.quantize on the CPU (integer-only, backend-independent); float-scaled formats
-    multiply in float32, where XLA on the CPU flushes subnormal products: on the GPU."""
+    multiply in float32, where XLA on the CPU flushes subnormal products: XLA on the GPU."""
     if fmt in MX:
         cpu = jax.devices("cpu")[0]
         with jax.default_device(cpu):
             return jax.device_get(qjax.quantize(jax.device_put(np.asarray(x), cpu), fmt, **kwargs))
-    return qjax.quantize(x, fmt, **kwargs)
+    return xla_quantize(x, fmt, **kwargs)
+
+
+def xla_quantize(x, fmt, **kwargs):
+    """qjax.quantize on the GPU with the kernels switched off (it would dispatch to the kernel
+    under test otherwise)."""
+    with qjax.use_kernels(False):
+        return jax.jit(functools.partial(qjax.quantize, fmt=fmt, **kwargs))(x)
 
 
 @pytest.mark.gpu
@@ -171,10 +196,21 @@ def test_gpu_stochastic_and_odd_shapes(fmt):
     key = jax.random.key(3)
     x = random_data((512, 1024), jnp.bfloat16, seed=9)
     assert_same_qarray(quantize_pallas(x, fmt, rounding="stochastic", key=key),
-                       qjax.quantize(x, fmt, rounding="stochastic", key=key))
+                       xla_quantize(x, fmt, rounding="stochastic", key=key))
     for shape, dtype in [((3, 5, 96), jnp.float32), ((1000, 160), jnp.float16)]:
         x = random_data(shape, dtype, seed=5)
         assert_same_qarray(quantize_pallas(x, fmt), reference(x, fmt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxint8"])
+def test_gpu_quantize_dispatches_to_the_kernel(fmt):
+    x = random_data((256, 512), jnp.bfloat16, seed=2)
+    text = jax.jit(lambda x: qjax.quantize(x, fmt)).lower(x).as_text().lower()
+    assert "triton" in text  # the Pallas kernel's custom call
+    with qjax.use_kernels(False):
+        assert "triton" not in jax.jit(lambda x: qjax.quantize(x, fmt)).lower(x).as_text().lower()
+    assert_same_qarray(jax.jit(lambda x: qjax.quantize(x, fmt))(x), reference(x, fmt))
 
 
 def test_use_kernels_switch_is_validated_and_restored():

@@ -50,6 +50,24 @@ def embed(num_embeddings: int, features: int, head_recipe: str, **embed_kwargs: 
                          **embed_kwargs)
 
 
+def lookup(embedding: nn.Embed, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+    """``embedding(tokens)`` as a one-hot matmul: the same values (each output is one product
+    with 1.0), but the gradient is a matmul instead of the scatter-add of a gather's transpose.
+    With a byte-level vocabulary every one of the 65k tokens of a step adds into one of a few
+    hundred rows; that scatter took 90 of the 124 ms of a small-preset step on an H100.
+
+    Example:
+      >>> module = nn.Embed(8, 4)
+      >>> params = module.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))
+      >>> tokens = jnp.array([[3, 1]])
+      >>> out = module.apply(params, tokens, method=lambda m, t: lookup(m, t))
+      >>> bool(jnp.all(out == module.apply(params, tokens)))
+      True
+    """
+    table = embedding.embedding.astype(embedding.dtype or embedding.embedding.dtype)
+    return jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype) @ table
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of the decoder.
@@ -219,7 +237,7 @@ class Decoder(nn.Module):
         embedding = embed(c.vocab_size, c.d_model, c.head_recipe, dtype=c.dtype,
                           param_dtype=c.param_dtype,
                           embedding_init=nn.initializers.normal(0.02), name="embed")
-        x = embedding(tokens)
+        x = lookup(embedding, tokens)
         block = nn.remat(Block) if c.remat else Block
         for i in range(c.num_layers):
             x = block(c, name=f"block_{i}")(x)

@@ -56,11 +56,10 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         quantized). ``False`` (default): never (the composable chain, the reference). ``None``: on
         a single GPU, chosen when lowering for it (not under ``qjax.use_kernels(False)``);
         elsewhere the chain. ``True``: always (in the Pallas interpreter off the GPU: slow, for
-        tests). Off by default because on an H100 (2026-11-23) the kernel's output differed from
-        its CPU-run reference in ``tests/test_pallas_adamw.py`` (not yet diagnosed) and its speed
-        is unmeasured. Both keep the same state
-        pytree; they differ in the random stream of the stochastic rounding (in-kernel hash vs
-        ``jax.random``), so not bit for bit.
+        tests). Off by default because its speed is not yet measured (it is bit-identical to
+        its reference on an H100, 2026-11-23). Both keep the same state pytree; they differ
+        in the random stream of the stochastic rounding (in-kernel hash vs ``jax.random``), so
+        not bit for bit.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -48,13 +48,15 @@ first moment; word 2: 23 bits for the second moment (whose EMA with ``b2 = 0.999
 per-step rounding bias 1000-fold, so it gets the finer uniform).
 
 **Exactness against the reference.** :func:`adamw_8bit_reference` computes the same function in
-plain JAX (table lookups for decoding; the same hash and encode formulas). Divisions, the square
-root and the reciprocal are IEEE-rounded on both sides (``div.rn``, ``sqrt.rn``, ``rcp.rn`` in the
-kernel), and the multiply-adds that a compiler could contract into FMAs are issued as separately
-rounded ``mul.rn`` / ``add.rn`` in the kernel and, in plain JAX, with the product behind an
-``optimization_barrier`` (XLA:CPU was seen contracting them otherwise), so the kernel on the GPU
-is bit-identical to the reference run on the CPU, and to the interpreter. (The reference
-compiled by XLA for the GPU may still contract and differ in the last bit of a moment.)
+plain JAX (table lookups for decoding; the same hash and encode formulas). Every float operation
+of the Adam step and the encoding is one IEEE-rounded operation on both sides: ``mul.rn``,
+``add.rn``, ``div.rn``, ``sqrt.rn``, ``rcp.rn`` in the kernel (never contracted into FMAs), and
+in plain JAX each result behind an ``optimization_barrier``, because XLA's simplifier otherwise
+changes the arithmetic: it was seen contracting products into FMAs, folding ``(y + 2**23) -
+2**23`` to ``y``, turning a division by a broadcast scalar into a product with its reciprocal and
+``(a / b) / c`` into ``a / (b * c)``. So the kernel on the GPU is bit-identical to the reference
+on the CPU, to the interpreter and to the same steps in NumPy float32. (The reference compiled by
+XLA for the GPU may still differ in the last bits.)
 
 Shapes: the last axis is cut into blocks as ``QuantizedTensor`` does; a power-of-two block that
 divides the last axis is a free reshape. Otherwise (a ragged last block, or a tensor smaller than
@@ -249,16 +251,24 @@ class _Ops:
         return self._ptx("mul.rn.f32", a, b) if self.asm else lax.optimization_barrier(a * b)
 
     def add(self, a, b):
-        return self._ptx("add.rn.f32", a, b) if self.asm else a + b
+        # Behind a barrier too: XLA:CPU on some hosts simplified ``(y + 2**23) - 2**23`` to ``y``
+        # (the floor in _encode), which the GPU kernel does not.
+        return self._ptx("add.rn.f32", a, b) if self.asm else lax.optimization_barrier(a + b)
 
     def div(self, a, b):
-        return self._ptx("div.rn.f32", a, b) if self.asm else a / b
+        if self.asm:
+            return self._ptx("div.rn.f32", a, b)
+        # XLA's simplifier rewrites a division by a broadcast scalar into a product with its
+        # reciprocal and (a / b) / c into a / (b * c), neither correctly rounded: the divisor is
+        # materialised at full shape and both it and the quotient go behind barriers.
+        shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+        return lax.optimization_barrier(a / lax.optimization_barrier(jnp.broadcast_to(b, shape)))
 
     def sqrt(self, a):
-        return self._ptx("sqrt.rn.f32", a) if self.asm else jnp.sqrt(a)
+        return self._ptx("sqrt.rn.f32", a) if self.asm else lax.optimization_barrier(jnp.sqrt(a))
 
     def rcp(self, a):
-        return self._ptx("rcp.rn.f32", a) if self.asm else np.float32(1) / a
+        return self._ptx("rcp.rn.f32", a) if self.asm else self.div(np.float32(1), a)
 
 
 def _select(i, values):
@@ -315,8 +325,10 @@ def _encode(x, absmax, unsigned, u, ops):
     p = _small_int_to_f32(p_int)
     k = _select(i, _K0) * jnp.where(s == 1, np.float32(2), np.float32(1))
     y = ops.mul(v, k)  # v in N units of decade i
-    j_real = ops.add(y, p * np.float32(16) - np.float32(9)) * np.float32(1 / 18)
-    t = j_real + _TWO23  # round to integer, then step down if it rounded up: an exact floor
+    # Both steps through ops: a plain product followed by an add may become one FMA on the GPU
+    # and move the floor below across an integer.
+    j_real = ops.mul(ops.add(y, p * np.float32(16) - np.float32(9)), np.float32(1 / 18))
+    t = ops.add(j_real, _TWO23)  # round to integer, then step down if it rounded up: an exact floor
     j_lo = (_bits(t) - _MAGIC).astype(jnp.int32)
     j_lo = j_lo - ((t - _TWO23) > j_real).astype(jnp.int32)
     j_lo = jnp.minimum(jnp.maximum(j_lo, s), 2 * p_int - 1)

@@ -54,14 +54,12 @@ _u32, _i32, _clip, _bits, _from_bits = FQ._u32, FQ._i32, FQ._clip, FQ._bits, FQ.
 
 def supports(fmt: F.FormatLike) -> bool:
     """Whether :func:`quantize_pallas` handles ``fmt``: what :func:`qjax.pallas.fake_quant.supports`
-    takes, with float elements of 8 bits or fewer (one byte of storage each) whose smallest
-    positive value is at least ``2**-100``.
-
-    Integer elements (mxint8, int4) are bit-identical in the Pallas interpreter but were not on an
-    H100 (JAX 0.11.2, 2026-11-23; not yet understood), so they are refused: ``qjax.quantize``
-    keeps XLA's version for them."""
+    takes, with integer elements or float elements of 8 bits or fewer (one byte of storage each)
+    whose smallest positive value is at least ``2**-100``."""
     fmt = F.get(fmt)
     element = fmt.element
+    if isinstance(element, F.IntEncoding):
+        return FQ.supports(fmt)
     return (FQ.supports(fmt) and isinstance(element, F.FloatEncoding) and element.bits <= 8
             and element.emin - element.mantissa_bits >= -100)
 
@@ -177,7 +175,13 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
             scale_code = _bits(value) >> 16
         else:
             scale_code = _encode(_bits(value), encoding.float_encoding)
-    codes = _encode(elements, element)
+    if isinstance(element, F.IntEncoding):
+        # On-grid values times 2**fraction_bits are integers: the conversion is exact. NaN
+        # elements (NaN/Inf blocks) store 0, as XLA's float-to-int conversion does.
+        value = _from_bits(elements) * np.float32(2.0**element.fraction_bits)
+        codes = _u32(jnp.where(value == value, value, np.float32(0)).astype(jnp.int32)) & 0xFF
+    else:
+        codes = _encode(elements, element)
     FQ._store(codes_ref, codes.astype(codes_ref.dtype), mask)
     scale_mask = None if mask is None else FQ._tile_mask(scales_ref.shape, rows, blocks)
     FQ._store(scales_ref, scale_code.astype(scales_ref.dtype), scale_mask)
@@ -223,7 +227,11 @@ def _quantize_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num
         interpret=interpret,
         name=f"quantize_{fmt.name}",
     )(*operands)
-    values = code_storage(codes.reshape(shape), fmt.element)
+    codes = codes.reshape(shape)
+    if isinstance(fmt.element, F.IntEncoding):
+        values = lax.bitcast_convert_type(codes, jnp.int8)
+    else:
+        values = code_storage(codes, fmt.element)
     scales = lax.bitcast_convert_type(scales.reshape(*shape[:-1], blocks), stored_dtype)
     block_shape = fmt.scaling.granularity.block_shape(shape, len(shape) - 1)
     return QArray(values, scales, tensor_scale, fmt, -1, block_shape, x.dtype)
