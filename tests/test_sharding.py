@@ -114,6 +114,27 @@ def test_sharded_training_gives_the_unsharded_loss_curve(recipe, tolerance):
 
 
 @needs_8
+def test_fsdp_step_all_gathers_only_the_weights():
+    # The embedding's one-hot-matmul gradient must reduce partial sums, not all-gather its
+    # batch-sized cotangent (lm.model.lookup's sharding hint; see docs/sharding.md).
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    from collective_bytes import collective_bytes
+
+    model = Decoder(MODEL)
+    optimizer = T.make_optimizer(CONFIG)
+    plan = S.make_plan(S.parse_mesh("fsdp=8"))
+    abstract = jax.eval_shape(lambda: T.init_state(model, optimizer, CONFIG))
+    shardings = plan.shardings(abstract)
+    train_step, _ = T.make_steps(model, optimizer, CONFIG, plan, shardings)
+    tokens = jax.ShapeDtypeStruct((CONFIG.batch_size, CONFIG.seq_len + 1), jnp.int32,
+                                  sharding=plan.batch)
+    totals = collective_bytes(train_step.lower(abstract, tokens).compile().as_text())
+    gathered = sum(size for (kind, _), size in totals.items() if kind == "all-gather")
+    weights = sum(4 * leaf.size for leaf in jax.tree.leaves(abstract.params))
+    assert weights <= gathered <= 1.01 * weights, (gathered, weights, totals)
+
+
+@needs_8
 def test_blocks_that_would_straddle_tensor_shards_are_refused():
     # fp8_blockwise: 1x128 activation blocks along K; out/down split K over "tensor" -> 64 < 128.
     with pytest.raises(ValueError, match="straddle shards"):

@@ -20,9 +20,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jax.sharding import PartitionSpec as P
+
 import qjax
 
 from lm import variants
+from lm.sharding import BATCH_AXES
 
 FLAX = "flax"  # pseudo-recipe: plain flax.linen layers, no qjax (the twin the speed bar uses)
 ATTENTION_CHOICES = ("auto", "cudnn", "xla", "quantized")
@@ -50,11 +53,43 @@ def embed(num_embeddings: int, features: int, head_recipe: str, **embed_kwargs: 
                          **embed_kwargs)
 
 
+@jax.custom_vjp
+def _take_rows(table: Float[Array, "v d"], tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+    return jnp.take(table, tokens, axis=0)
+
+
+def _take_rows_forward(table, tokens):
+    return _take_rows(table, tokens), (tokens, jnp.zeros((0,), table.dtype), table.shape[0])
+
+
+def _split_like_the_batch(x: Array) -> Array:
+    """``x`` split along its leading (batch) axis over the mesh's batch axes when the step is
+    traced under a mesh (``lm.sharding``); unchanged otherwise."""
+    axes = tuple(a for a in BATCH_AXES if a in jax.sharding.get_abstract_mesh().axis_names)
+    return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
+
+
+def _take_rows_backward(residuals, cotangent):
+    tokens, like, rows = residuals
+    # Without the hint, XLA's SPMD partitioner all-gathers the cotangent (tokens x width) to
+    # build a vocabulary-sharded gradient; with both operands split by batch it reduces the
+    # partial [vocab, width] sums instead.
+    one_hot = _split_like_the_batch(jax.nn.one_hot(tokens, rows, dtype=cotangent.dtype))
+    cotangent = _split_like_the_batch(cotangent)
+    grad = jnp.einsum("btv,btd->vd", one_hot, cotangent, preferred_element_type=jnp.float32)
+    return grad.astype(like.dtype), None
+
+
+_take_rows.defvjp(_take_rows_forward, _take_rows_backward)
+
+
 def lookup(embedding: nn.Embed, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
-    """``embedding(tokens)`` as a one-hot matmul: the same values (each output is one product
-    with 1.0), but the gradient is a matmul instead of the scatter-add of a gather's transpose.
-    With a byte-level vocabulary every one of the 65k tokens of a step adds into one of a few
-    hundred rows; that scatter took 90 of the 124 ms of a small-preset step on an H100.
+    """``embedding(tokens)`` (the same gather) whose gradient is a one-hot matmul instead of the
+    scatter-add of a gather's transpose. With a byte-level vocabulary every one of the 65k tokens
+    of a step adds into one of a few hundred rows; that scatter took 90 of the 124 ms of a
+    small-preset step on an H100. The matmul sums in float32. (A one-hot matmul in the forward
+    pass too would be simpler, but it makes XLA's SPMD partitioner all-gather activations when
+    the table is FSDP-sharded along the vocabulary.)
 
     Example:
       >>> module = nn.Embed(8, 4)
@@ -65,7 +100,7 @@ def lookup(embedding: nn.Embed, tokens: Int[Array, "b t"]) -> Float[Array, "b t 
       True
     """
     table = embedding.embedding.astype(embedding.dtype or embedding.embedding.dtype)
-    return jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype) @ table
+    return _take_rows(table, tokens)
 
 
 @dataclasses.dataclass(frozen=True)

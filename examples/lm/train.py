@@ -5,6 +5,7 @@ checkpoints and resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -167,6 +168,8 @@ def make_steps(model: Decoder, optimizer: optax.GradientTransformation, config: 
     """
     base_key = jax.random.key(config.seed + 1)
     eval_key = jax.random.key(config.seed + 2)
+    mesh_context = (contextlib.nullcontext if plan is None  # noqa: E731
+                    else lambda: jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh))
 
     def loss_fn(params, tokens, key):
         logits = model.apply({"params": params}, tokens[:, :-1], rngs={"quant": key})
@@ -174,7 +177,8 @@ def make_steps(model: Decoder, optimizer: optax.GradientTransformation, config: 
 
     def train_step(state: TrainState, tokens):
         key = jax.random.fold_in(base_key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, key)
+        with mesh_context():  # lets the model's sharding hints name the mesh axes
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), loss
