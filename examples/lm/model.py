@@ -59,7 +59,8 @@ def _take_rows(table: Float[Array, "v d"], tokens: Int[Array, "b t"]) -> Float[A
 
 
 def _take_rows_forward(table, tokens):
-    return _take_rows(table, tokens), (tokens, jnp.zeros((0,), table.dtype), table.shape[0])
+    # A zero-size (rows, 0) array carries the table's row count and dtype to the backward pass.
+    return _take_rows(table, tokens), (tokens, jnp.zeros((table.shape[0], 0), table.dtype))
 
 
 def _split_like_the_batch(x: Array) -> Array:
@@ -70,7 +71,8 @@ def _split_like_the_batch(x: Array) -> Array:
 
 
 def _take_rows_backward(residuals, cotangent):
-    tokens, like, rows = residuals
+    tokens, like = residuals
+    rows = like.shape[0]
     # Without the hint, XLA's SPMD partitioner all-gathers the cotangent (tokens x width) to
     # build a vocabulary-sharded gradient; with both operands split by batch it reduces the
     # partial [vocab, width] sums instead.

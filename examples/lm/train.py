@@ -168,7 +168,7 @@ def make_steps(model: Decoder, optimizer: optax.GradientTransformation, config: 
     """
     base_key = jax.random.key(config.seed + 1)
     eval_key = jax.random.key(config.seed + 2)
-    mesh_context = (contextlib.nullcontext if plan is None  # noqa: E731
+    mesh_context = (contextlib.nullcontext if plan is None
                     else lambda: jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh))
 
     def loss_fn(params, tokens, key):
