@@ -803,6 +803,11 @@ def unpack_bits(packed: Integer[Array, "... m"], bits: int, n: int) -> Integer[A
     return jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=-1)
 
 
+def arrays_nbytes(*arrays: Array | None) -> int:
+    """Bytes of the given arrays (``None`` counts 0): what packed storage classes report."""
+    return sum(a.size * a.dtype.itemsize for a in arrays if a is not None)
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("data", "scales", "tensor_scale"),
                    meta_fields=("fmt", "axis", "block_shape", "dtype", "shape"))
@@ -822,16 +827,12 @@ class PackedQArray:
     @staticmethod
     def storage_bytes(q: QArray) -> int:
         rows = math.prod(q.shape[:-1])
-        total = rows * -(-q.shape[-1] * q.fmt.element.bits // 8)
-        for extra in (q.scales, q.tensor_scale):
-            if extra is not None:
-                total += extra.size * extra.dtype.itemsize
-        return total
+        return rows * -(-q.shape[-1] * q.fmt.element.bits // 8) + arrays_nbytes(
+            q.scales, q.tensor_scale)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (self.data, self.scales, self.tensor_scale)
-                   if a is not None)
+        return arrays_nbytes(self.data, self.scales, self.tensor_scale)
 
     def unpack(self) -> QArray:
         """The :class:`QArray` this was packed from, exactly."""

@@ -85,7 +85,7 @@ from jaxtyping import Array, Float
 
 from qjax import formats as F
 from qjax.pallas.scaled_matmul import _decode_block_scales, _decode_codes
-from qjax.quantize import PackedQArray, QArray, dequantize
+from qjax.quantize import PackedQArray, QArray, arrays_nbytes, dequantize
 
 __all__ = ["PackedWeight", "pack_weight", "packed_matmul", "packed_matmul_reference",
            "supports", "SUPPORTED_FORMATS", "emulate_decode"]
@@ -223,8 +223,7 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes the kernel reads for the weight: packed elements, scales and tensor scale."""
-        return sum(a.size * a.dtype.itemsize for a in (self.data, self.scales, self.tensor_scale)
-                   if a is not None)
+        return arrays_nbytes(self.data, self.scales, self.tensor_scale)
 
     def unpack(self) -> QArray:
         """The ``QArray`` this was packed from (``qjax.quantize(w, fmt, axis=0)``), exactly."""
