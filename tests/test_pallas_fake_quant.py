@@ -195,11 +195,14 @@ def cpu_reference(x, fmt, **kwargs):
         return qjax.fake_quant(jax.device_put(np.asarray(x), jax.devices("cpu")[0]), fmt, **kwargs)
 
 
-def xla_fake_quant(x, fmt, **kwargs):
-    """qjax.fake_quant on the GPU with the kernels switched off (it would dispatch to the kernel
-    under test otherwise): XLA's passes."""
+def with_kernels_off(op, x, fmt, **kwargs):
+    """``op(x, fmt, **kwargs)`` (``qjax.fake_quant`` or ``qjax.quantize``) jitted with the kernels
+    switched off: on the GPU it would dispatch to the kernel under test otherwise."""
     with qjax.use_kernels(False):
-        return jax.jit(functools.partial(qjax.fake_quant, fmt=fmt, **kwargs))(x)
+        return jax.jit(functools.partial(op, fmt=fmt, **kwargs))(x)
+
+
+xla_fake_quant = functools.partial(with_kernels_off, qjax.fake_quant)
 
 
 def reference(x, fmt, **kwargs):

@@ -18,7 +18,7 @@ from qjax.pallas import quantize_pallas, quantize_supports
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adversarial import families  # noqa: E402
-from test_pallas_fake_quant import adversarial_stack, random_data  # noqa: E402
+from test_pallas_fake_quant import adversarial_stack, random_data, with_kernels_off  # noqa: E402
 
 MX = ("mxfp8", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4")  # float-element MX formats
 
@@ -162,6 +162,9 @@ def test_supports_and_argument_checks():
 GPU_FORMATS = MX + ("nvfp4", "mxint8", "int4")
 
 
+xla_quantize = functools.partial(with_kernels_off, qjax.quantize)
+
+
 def reference(x, fmt, **kwargs):
     """MX: qjax.quantize on the CPU (integer-only, backend-independent); float-scaled formats
     multiply in float32, where XLA on the CPU flushes subnormal products: XLA on the GPU."""
@@ -170,13 +173,6 @@ def reference(x, fmt, **kwargs):
         with jax.default_device(cpu):
             return jax.device_get(qjax.quantize(jax.device_put(np.asarray(x), cpu), fmt, **kwargs))
     return xla_quantize(x, fmt, **kwargs)
-
-
-def xla_quantize(x, fmt, **kwargs):
-    """qjax.quantize on the GPU with the kernels switched off (it would dispatch to the kernel
-    under test otherwise)."""
-    with qjax.use_kernels(False):
-        return jax.jit(functools.partial(qjax.quantize, fmt=fmt, **kwargs))(x)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,8 @@
 """Pallas kernels for qjax (GPU, through Triton; every kernel also runs in the Pallas interpreter).
 
 ``fake_quant_pallas``: ``qjax.fake_quant`` of block-scaled formats (MX, int4, NVFP4) in one fused
-pass, bit-identical to it; ``quantize_pallas``: ``qjax.quantize`` of the float-element block
-formats, one pass, bit-identical. ``scaled_matmul``: ``C = A·B`` from two block-scaled ``QArray``s
+pass, bit-identical to it; ``quantize_pallas``: ``qjax.quantize`` of the block formats with
+float or integer elements, one pass, bit-identical. ``scaled_matmul``: ``C = A·B`` from two block-scaled ``QArray``s
 with the scales applied inside the kernel, against ``scaled_matmul_reference``.
 ``packed_matmul``: ``x @ W`` for small M with W in packed 4-bit storage (``pack_weight``), against
 ``packed_matmul_reference``. ``adamw_8bit_pallas``: one AdamW step of a tensor with int8 moments
