@@ -8,6 +8,7 @@ params and state donated (updated in place, as in a training step).
 
     python benchmarks/optim_update.py               # GPU: 1.07B params
     python benchmarks/optim_update.py --embedding   # + the 128256x2048 embedding (1.34B)
+    python benchmarks/optim_update.py --layers 4    # 268M parameters: a quicker compile
     python benchmarks/optim_update.py --small       # CPU smoke check (tiny shapes)
     python benchmarks/optim_update.py --hlo         # also count the kernels of each update
     python benchmarks/optim_update.py --convergence # the CPU convergence table (docs/optimizers.md)
@@ -164,7 +165,7 @@ def run_benchmark(args):
     if args.small:
         shapes = llama_like_shapes(layers=1, hidden=256, mlp=1024, vocab=4096, embedding=args.embedding)
     else:
-        shapes = llama_like_shapes(embedding=args.embedding)
+        shapes = llama_like_shapes(layers=args.layers, embedding=args.embedding)
     n = sum(int(np.prod(s)) for _, s in shapes)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); {len(shapes)} tensors, {n:,} parameters")
@@ -278,6 +279,8 @@ def run_convergence(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke check")
+    parser.add_argument("--layers", type=int, default=16, help="Llama-like layers (16: 1.07B "
+                        "parameters; fewer compile faster, same bytes per parameter)")
     parser.add_argument("--embedding", action="store_true", help="add the 128256x2048 embedding")
     parser.add_argument("--hlo", action="store_true", help="count the kernels of each compiled update")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 5; --small 1)")

@@ -383,6 +383,42 @@ class Format:
             return None
         return _NATIVE_CAST.get(self.element)
 
+    @property
+    def bf16_gemm(self) -> Literal["dequantized", "outer_scale"] | None:
+        """How a GEMM can take this format's values in bfloat16 without rounding them.
+
+        * ``"dequantized"``: every dequantized value is a bfloat16 number (plain casts that fit,
+          and power-of-two block scales with elements of at most 8 significant bits: MXFP8/6/4,
+          MXINT8). Exception: E4M3/E5M2 subnormals in blocks whose scale is below 2^-124/2^-117
+          (block maxima below ~1e-30) lie under bfloat16's smallest subnormal, 2^-133, and round.
+        * ``"outer_scale"``: the elements times their block scales are bfloat16 numbers, and the
+          rest of the scale (a per-tensor or per-channel float scale, or the FP32 tensor scale of
+          a two-level format like NVFP4) is constant along the contraction axis, so a GEMM
+          multiplies its output by it instead.
+        * ``None``: neither (float block scales along the contraction axis, e.g. 1x128 FP32
+          blocks, or int4 with bfloat16 group scales).
+
+        Example:
+          >>> get("mxfp4").bf16_gemm, get("nvfp4").bf16_gemm, get("int4").bf16_gemm
+          ('dequantized', 'outer_scale', None)
+        """
+        element = self.element
+        if isinstance(element, FloatEncoding):
+            element_bits = element.mantissa_bits + 1
+        else:
+            element_bits = 1 if isinstance(element, BinaryEncoding) else element.bits - 1
+        if self.scaling is None:
+            return "dequantized" if element.exponent_bits <= 8 and element_bits <= 8 else None
+        scale = self.scaling.scale
+        if scale.power_of_two:
+            return "dequantized" if element_bits <= 8 else None
+        if isinstance(self.scaling.granularity, (PerTensor, PerChannel)):
+            return "outer_scale" if element_bits <= 8 else None
+        grid = scale.float_encoding
+        if self.scaling.tensor_scale and element_bits + grid.mantissa_bits + 1 <= 8:
+            return "outer_scale"
+        return None
+
     def bits_per_value(self, elements_per_tensor: int | None = None) -> float:
         """Storage bits per element, scales included (per-tensor and per-channel scales are
         amortised over ``elements_per_tensor`` / the channel length, ignored when not given)."""

@@ -7,6 +7,7 @@ op's canonicalisation and custom VJP.
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,9 @@ from jax import lax
 import qjax
 from qjax import ops
 from qjax import recipes as R
+
+# The module (qjax.ops.dot_general is the function it defines), for its private _gemm_operand.
+dot_general_module = importlib.import_module("qjax.ops.dot_general")
 
 HI = lax.Precision.HIGHEST
 DN = (((1,), (0,)), ((), ()))  # x (M, K) @ w (K, N)
@@ -113,14 +117,51 @@ def test_bf16_recipe_passes_precision_and_preferred_element_type():
 @pytest.mark.parametrize("name, dtype", [
     *[(n, jnp.float32) for n in DETERMINISTIC_STE + ("nvfp4", "fp4_all_the_way")],
     *[(n, jnp.bfloat16) for n in ("fp8", "mxfp8")]])
-def test_forward_equals_reference_composition(name, dtype):
+def test_forward_matches_reference_composition(name, dtype):
     recipe = R.get(name)
     x, w = _normal(3, (32, 256), dtype, 3.0), _normal(4, (256, 64), dtype)
     key = jax.random.key(5) if recipe.needs_key else None
     y = ops.dot_general(x, w, DN, recipe=recipe, key=key)
-    want = reference_forward(recipe, x, w).astype(dtype)
+    want = np.asarray(reference_forward(recipe, x, w).astype(dtype), np.float32)
     assert y.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+    # The same quantized values; the GEMM sums in another order (in bfloat16 with an outer scale
+    # split off where that is exact: test_gemm_operands_are_the_quantized_values).
+    tol = (1e-2 if dtype == jnp.bfloat16 else 1e-5) * np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=0, atol=tol)
+
+
+def _wide_range(seed, shape):
+    """Normal values times 2^e, e uniform in [-30, 30] per element: blocks of every scale."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    exponents = jax.random.randint(k2, shape, -30, 31).astype(jnp.float32)
+    return jax.random.normal(k1, shape) * jnp.exp2(exponents)
+
+
+@pytest.mark.parametrize("spec", [
+    *[R.OperandSpec(n) for n in qjax.formats.names() if qjax.formats.get(n).bf16_gemm],
+    *[R.OperandSpec(f) for f in (R.NVFP4_16x16, R.INT8_PER_TENSOR, R.INT4_PER_CHANNEL)],
+    R.OperandSpec("mxfp4", "stochastic", prescale=0.75),
+    R.OperandSpec("nvfp4", "stochastic", prescale=0.75),
+    R.OperandSpec("int4"), R.OperandSpec(R.FP8_E4M3_1x128)], ids=lambda s: (
+        f"{s.fmt.name}-{s.rounding}-{s.prescale}"))
+def test_gemm_operands_are_the_quantized_values(spec):
+    """What the quantized GEMMs multiply: values (bfloat16 where ``Format.bf16_gemm`` says that
+    is exact) times an outer scale give ``quantize_operand``'s result: bit for bit for MX formats
+    and pre-scaled quantizers, to one float32 rounding where a float outer scale is split off."""
+    x = _wide_range(60, (2, 64, 96))
+    kind = spec.fmt.bf16_gemm
+    for axis in (1, 2):
+        key = jax.random.key(axis) if spec.needs_key else None
+        values, outer = dot_general_module._gemm_operand(x, spec, axis=axis, key=key)
+        want = np.asarray(ops.quantize_operand(x, spec, axis=axis, key=key))
+        narrow = kind == "dequantized" or (kind == "outer_scale" and spec.prescale == 1)
+        assert values.dtype == (jnp.bfloat16 if narrow else jnp.float32)
+        got = np.asarray(values.astype(jnp.float32) * (1 if outer is None else outer))
+        if outer is None or spec.prescale != 1:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert np.ndim(outer) == 3 and np.shape(outer)[axis] == 1
+            np.testing.assert_allclose(got, want, rtol=2**-23, atol=0)
 
 
 def test_mxfp4_forward_is_unquantized():
@@ -456,7 +497,8 @@ def test_einsum_keeps_operand_roles():
     recipe = R.Recipe("x_only", forward=R.GemmSpec(spec_x, R.HIGH_PRECISION))
     a, b = _normal(48, (4, 32)), _normal(49, (6, 32))
     got = ops.einsum("ik,jk->ij", a, b, recipe=recipe)
-    np.testing.assert_array_equal(got, _mm(qjax.fake_quant(a, "int8", axis=1), b.T))
+    np.testing.assert_allclose(got, _mm(qjax.fake_quant(a, "int8", axis=1), b.T), rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("subscripts, shapes, match", [

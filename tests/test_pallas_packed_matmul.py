@@ -311,3 +311,22 @@ def test_gpu_block_configs(config):
         out = packed_matmul(x, pack_weight(q), out_dtype=jnp.float32, block_n=bn, block_k=bk,
                             num_warps=warps, num_stages=stages)
         assert_close(out, x, q)
+
+
+@pytest.mark.parametrize("group", [16, 32, 128])
+@pytest.mark.parametrize("block_n", [64, 128, 256])
+def test_configurations_shrink_to_the_shared_memory_budget(group, block_n):
+    """M=100 with 128-element int4 groups asked for 240 KB on an H100 (the launch failed): the K
+    step could not shrink below a group. Now the depth and then block_m shrink too."""
+    for block_m in (16, 32, 64, 128):
+        for rows, stages in ((128, 3), (256, 4), (64, 2)):
+            rows = max(rows, group)
+            got_rows, got_stages, got_m = pm._fit_shared_memory(block_m, block_n, rows, group,
+                                                                 stages)
+            if pm._shared_memory_estimate(16, block_n, group, 2) <= pm._SHARED_BUDGET:
+                assert pm._shared_memory_estimate(got_m, block_n, got_rows, got_stages) <= \
+                    pm._SHARED_BUDGET
+            assert group <= got_rows <= rows and 2 <= got_stages <= stages and 16 <= got_m
+            if pm._shared_memory_estimate(block_m, block_n, rows, stages) <= pm._SHARED_BUDGET:
+                assert (got_rows, got_stages, got_m) == (rows, stages, block_m)
+    assert pm._fit_shared_memory(128, 128, 128, 128, 3) != (128, 3, 128)  # the failing launch

@@ -10,9 +10,19 @@ which JAX differentiates) to ``x: (B, M, K)`` and ``w: (B, K, N)``; the custom V
 
 each with its own :class:`~qjax.recipes.GemmSpec` (``T`` the GEMM's Hadamard transform, the same on
 both operands along the contraction axis, ``Q`` the operand's quantizer). Operands are upcast to
-the recipe's accumulation dtype before being transformed and quantized, and every quantized GEMM
-multiplies the dequantized values in that dtype (``Precision.HIGHEST`` unless ``precision`` is
-given), which is what a low-precision GEMM with high-precision accumulation computes.
+the recipe's accumulation dtype before being transformed and quantized; every GEMM accumulates in
+that dtype, which is what a low-precision GEMM with high-precision accumulation computes.
+
+The GEMMs multiply in the narrowest dtype that holds their operands exactly, so they run on tensor
+cores rather than as float32 GEMMs (``Format.bf16_gemm``): an operand the GEMM does not quantize
+keeps its own dtype; quantized values that are bfloat16 numbers (MX formats) are multiplied in
+bfloat16; for per-tensor, per-channel and two-level (NVFP4) formats the elements times their block
+scales are multiplied in bfloat16 and the float scale that is constant along the contraction axis
+(and the 1/prescale of a pre-scaled quantizer) multiplies the GEMM's output. The products are
+exact either way, so only the order of the float32 additions (and, with an outer scale, one
+rounding of each product's scale) differs from multiplying the dequantized float32 values. Other
+quantized operands (float scales along the contraction axis) stay float32 (``Precision.HIGHEST``
+unless ``precision`` is given).
 
 The forward estimator's gradient rule is applied as the VJP of ``x -> Q(T x)`` (taken with
 ``jax.vjp`` in the forward pass) to the dgrad result rotated by ``T``; for the straight-through
@@ -21,6 +31,7 @@ estimator this is the identity and is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -32,7 +43,7 @@ from jaxtyping import Array, Float, Key
 
 from qjax import estimators as E
 from qjax import formats as F
-from qjax.quantize import fake_quant, round_to_element
+from qjax.quantize import dequantize, fake_quant, quantize, round_to_element
 from qjax import recipes as R
 from qjax import transforms as T
 
@@ -59,12 +70,26 @@ def gemm_keys(key: Key[Array, ""]) -> dict[str, Key[Array, ""]]:
 
 def _prescaled_fake_quant(x, fmt: F.Format, axis, prescale, rounding, key, scale_mode):
     """Tseng et al.'s pre-scaled quantizer: scales from ``x``, elements ``round(prescale * x /
-    scale)``, value ``elements * scale / prescale`` (float32)."""
+    scale)``, value ``elements * scale / prescale``. Returns ``(elements * scale, 1 / prescale)``
+    (float32 array, numpy float32): the value is their product."""
     scale = E.element_scale(x, fmt, axis=axis, scale_mode=scale_mode)
     y = x * np.float32(prescale) / scale
     bits = None if rounding == "nearest" else jax.random.bits(key, x.shape, jnp.uint32)
     elements = round_to_element(y, fmt.element, rounding=rounding, random_bits=bits)
-    return elements * scale * np.float32(1 / prescale)
+    return elements * scale, np.float32(1 / prescale)
+
+
+def _split_outer_scale(x, fmt: F.Format, axis, rounding, key, scale_mode):
+    """``(elements * block scales, outer scale)`` of ``quantize(x, fmt)`` for a format whose
+    ``bf16_gemm`` is ``"outer_scale"``; the outer scale (float32, x's rank, size 1 along ``axis``)
+    is the tensor scale of a two-level format, else the per-tensor or per-channel scale."""
+    q = quantize(x, fmt, axis=axis, rounding=rounding, key=key, scale_mode=scale_mode)
+    if q.tensor_scale is not None:
+        outer, q = q.tensor_scale, dataclasses.replace(q, tensor_scale=None)
+    else:
+        outer, q = q.scales.astype(jnp.float32), dataclasses.replace(
+            q, scales=jnp.ones_like(q.scales))
+    return dequantize(q, jnp.float32), outer
 
 
 def quantize_operand(x: Float[Array, "..."], spec: R.OperandSpec, *, axis: int,
@@ -91,8 +116,9 @@ def quantize_operand(x: Float[Array, "..."], spec: R.OperandSpec, *, axis: int,
     fmt = spec.fmt
     key = key if spec.needs_key else None
     if spec.prescale != 1:
-        return _prescaled_fake_quant(x, fmt, axis, spec.prescale, spec.rounding, key,
-                                     spec.scale_mode)
+        scaled, reciprocal = _prescaled_fake_quant(x, fmt, axis, spec.prescale, spec.rounding, key,
+                                                   spec.scale_mode)
+        return scaled * reciprocal
     if differentiable and spec.estimator != "ste":
         options = dict(spec.estimator_options)
         if spec.rounding != "nearest":
@@ -102,6 +128,35 @@ def quantize_operand(x: Float[Array, "..."], spec: R.OperandSpec, *, axis: int,
         return E.get(spec.estimator)(x, fmt, axis=axis, key=key, **options)
     return fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
                         scale_mode=spec.scale_mode)
+
+
+def _gemm_operand(x, spec: R.OperandSpec, *, axis: int, key):
+    """One quantized operand of a GEMM as ``(values, outer)``: ``values * outer`` is
+    ``quantize_operand(x, spec)`` (up to one float32 rounding where the outer scale is split
+    off); ``values`` is bfloat16 where that holds it exactly; ``outer`` is None, a numpy scalar,
+    or float32 of x's rank with size 1 along ``axis``."""
+    fmt = spec.fmt
+    key = key if spec.needs_key else None
+    exact = fmt.bf16_gemm
+    if spec.prescale != 1:
+        values, outer = _prescaled_fake_quant(x, fmt, axis, spec.prescale, spec.rounding, key,
+                                              spec.scale_mode)
+        exact = exact == "dequantized"  # the prescaled path keeps the tensor scale in the values
+    elif exact == "outer_scale":
+        values, outer = _split_outer_scale(x, fmt, axis, spec.rounding, key, spec.scale_mode)
+    else:
+        values, outer = fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
+                                   scale_mode=spec.scale_mode), None
+    return (values.astype(jnp.bfloat16) if exact else values), outer
+
+
+def _narrow(values, spec: R.OperandSpec):
+    """``values`` (an estimator's quantized operand) in bfloat16 when that holds it exactly."""
+    return values.astype(jnp.bfloat16) if spec.fmt.bf16_gemm == "dequantized" else values
+
+
+def _with_outer(values, outer, dtype):
+    return values.astype(dtype) if outer is None else values.astype(dtype) * outer
 
 
 # --------------------------------------------------------------------------- one GEMM
@@ -120,20 +175,43 @@ def _rotate(x, gemm: R.GemmSpec, axis, signs, inverse=False):
     return fn(x, axis=axis, block_size=gemm.hadamard_block_size, signs=signs)
 
 
-def _contract(a, b, a_axis, b_axis, precision, dtype):
-    """Batched contraction of ``a`` (B, ., .) and ``b`` (B, ., .) over ``a_axis``/``b_axis``."""
-    return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((0,), (0,))),
-                           precision=precision, preferred_element_type=dtype)
+def _output_scale(outer, axis, free_axis):
+    """An operand's outer scale (size 1 along its contraction ``axis``) laid out along the
+    output's ``free_axis``."""
+    return outer if np.ndim(outer) == 0 else jnp.expand_dims(jnp.squeeze(outer, axis), free_axis)
+
+
+def _contract(a, b, a_axis, b_axis, precision, dtype, a_outer=None, b_outer=None):
+    """Batched contraction of ``a`` (B, ., .) and ``b`` (B, ., .) over ``a_axis``/``b_axis``,
+    accumulated in ``dtype``, times the operands' outer scales (see :func:`_gemm_operand`)."""
+    if a.dtype != b.dtype:
+        common = jnp.promote_types(a.dtype, b.dtype)
+        a, b = a.astype(common), b.astype(common)
+    out = lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((0,), (0,))),
+                          precision=precision, preferred_element_type=dtype)
+    if a_outer is not None:  # out is (B, a's free axis, b's free axis)
+        out = out * _output_scale(a_outer, a_axis, 2)
+    if b_outer is not None:
+        out = out * _output_scale(b_outer, b_axis, 1)
+    return out
+
+
+def _operand(gemm: R.GemmSpec, side: str, v, axis, signs, key, dtype):
+    """``v`` transformed and quantized for one GEMM as ``(values, outer)``; an operand the GEMM
+    neither transforms nor quantizes is returned as it is, in its own dtype."""
+    spec = getattr(gemm, side)
+    if not spec.quantizes and gemm.transform is None:
+        return v, None
+    v = _rotate(v.astype(dtype), gemm, axis, signs)
+    return _gemm_operand(v, spec, axis=axis, key=key) if spec.quantizes else (v, None)
 
 
 def _backward_gemm(gemm: R.GemmSpec, a, b, a_axis, b_axis, keys, name, precision, dtype):
     """A backward GEMM: transform and quantize both operands along the contraction, multiply."""
     signs = _signs(gemm, a.shape[a_axis], keys.get(f"{name}.signs"))
-    a = quantize_operand(_rotate(a, gemm, a_axis, signs), gemm.lhs, axis=a_axis,
-                         key=keys.get(f"{name}.lhs"))
-    b = quantize_operand(_rotate(b, gemm, b_axis, signs), gemm.rhs, axis=b_axis,
-                         key=keys.get(f"{name}.rhs"))
-    return _contract(a, b, a_axis, b_axis, precision, dtype)
+    a, a_outer = _operand(gemm, "lhs", a, a_axis, signs, keys.get(f"{name}.lhs"), dtype)
+    b, b_outer = _operand(gemm, "rhs", b, b_axis, signs, keys.get(f"{name}.rhs"), dtype)
+    return _contract(a, b, a_axis, b_axis, precision, dtype, a_outer, b_outer)
 
 
 # --------------------------------------------------------------------------- the custom VJP
@@ -143,34 +221,42 @@ def _keys(key):
     return {} if key is None else gemm_keys(key)
 
 
-def _forward_operand_fn(recipe: R.Recipe, side: str, axis: int, signs, key):
-    gemm = recipe.forward
-    spec = getattr(gemm, side)
-    return lambda v: quantize_operand(_rotate(v, gemm, axis, signs), spec, axis=axis, key=key,
-                                      differentiable=True)
-
-
 def _identity_gradient(spec: R.OperandSpec) -> bool:
     return not spec.quantizes or spec.estimator in R.IDENTITY_GRADIENT_ESTIMATORS
+
+
+def _forward_operand(gemm: R.GemmSpec, side: str, v, axis: int, signs, key, dtype):
+    """The forward GEMM's operand as ``(values, outer, vjp)``; ``vjp`` is the estimator's rule
+    (None for an identity gradient), taken on the float32 operand."""
+    spec = getattr(gemm, side)
+    if _identity_gradient(spec):
+        return (*_operand(gemm, side, v, axis, signs, key, dtype), None)
+    fn = lambda u: quantize_operand(_rotate(u, gemm, axis, signs), spec, axis=axis, key=key,
+                                    differentiable=True)
+    values, vjp = jax.vjp(fn, v.astype(dtype))
+    return _narrow(values, spec), None, vjp
+
+
+def _saved_quantized(values, outer, gemm: R.GemmSpec, axis, signs, dtype):
+    """A forward-quantized operand as the backward GEMMs re-read it (dequantized, un-rotated)."""
+    if gemm.transform is None and outer is None:
+        return values
+    return _rotate(_with_outer(values, outer, dtype), gemm, axis, signs, inverse=True)
 
 
 def _forward(recipe, precision, out_dtype, x, w, key):
     acc = jnp.dtype(recipe.accumulation_dtype)
     keys = _keys(key)
-    x32, w32 = x.astype(acc), w.astype(acc)
-    signs = _signs(recipe.forward, x.shape[-1], keys.get("forward.signs"))
-    x_fn = _forward_operand_fn(recipe, "lhs", -1, signs, keys.get("forward.lhs"))
-    w_fn = _forward_operand_fn(recipe, "rhs", -2, signs, keys.get("forward.rhs"))
-    xq, x_vjp = jax.vjp(x_fn, x32)
-    wq, w_vjp = jax.vjp(w_fn, w32)
-    y = _contract(xq, wq, 2, 1, precision, acc).astype(out_dtype)
+    gemm = recipe.forward
+    signs = _signs(gemm, x.shape[-1], keys.get("forward.signs"))
+    xq, x_outer, x_vjp = _forward_operand(gemm, "lhs", x, -1, signs, keys.get("forward.lhs"), acc)
+    wq, w_outer, w_vjp = _forward_operand(gemm, "rhs", w, -2, signs, keys.get("forward.rhs"), acc)
+    y = _contract(xq, wq, 2, 1, precision, acc, x_outer, w_outer).astype(out_dtype)
     if recipe.save_for_backward == "quantized":
-        x_saved = _rotate(xq, recipe.forward, -1, signs, inverse=True)
-        w_saved = _rotate(wq, recipe.forward, -2, signs, inverse=True)
+        x_saved = _saved_quantized(xq, x_outer, gemm, -1, signs, acc)
+        w_saved = _saved_quantized(wq, w_outer, gemm, -2, signs, acc)
     else:
-        x_saved, w_saved = x32, w32
-    x_vjp = None if _identity_gradient(recipe.forward.lhs) else x_vjp
-    w_vjp = None if _identity_gradient(recipe.forward.rhs) else w_vjp
+        x_saved, w_saved = x, w
     return y, (x_saved, w_saved, x_vjp, w_vjp, signs, key)
 
 
@@ -179,7 +265,6 @@ def _backward(recipe, precision, in_dtypes, res, dy):
     x_dtype, w_dtype = in_dtypes
     acc = jnp.dtype(recipe.accumulation_dtype)
     keys = _keys(key)
-    dy = dy.astype(acc)
     dx = _backward_gemm(recipe.dgrad, dy, w_saved, 2, 2, keys, "dgrad", precision, acc)
     dw = _backward_gemm(recipe.wgrad, x_saved, dy, 1, 1, keys, "wgrad", precision, acc)
     if x_vjp is not None:  # the estimator's rule lives in the rotated domain of the forward GEMM

@@ -673,6 +673,25 @@ def _shared_memory_estimate(block_m, block_n, rows_per_step, num_stages):
     return num_stages * per_stage + 4 * rows_per_step * block_n
 
 
+def _fit_shared_memory(block_m, block_n, rows_per_step, group_size, num_stages):
+    """Shrinks a configuration until :func:`_shared_memory_estimate` fits the budget: Triton
+    stages the x and byte tiles ``num_stages`` deep and converts the decoded tiles to the dot
+    layout through shared memory; past ~227 KB the launch fails. The K step shrinks first (down
+    to one group), then the pipeline depth (down to 2), then ``block_m`` (down to 16; more
+    programs then read the weight). Returns ``(rows_per_step, num_stages, block_m)``."""
+    def fits():
+        estimate = _shared_memory_estimate(block_m, block_n, rows_per_step, num_stages)
+        return estimate <= _SHARED_BUDGET
+
+    while not fits() and rows_per_step > group_size:
+        rows_per_step //= 2
+    while not fits() and num_stages > 2:
+        num_stages -= 1
+    while not fits() and block_m > 16:
+        block_m //= 2
+    return rows_per_step, num_stages, block_m
+
+
 def _check(x, w, out_dtype, block_m, block_n, block_k, split_k, method, scale_mode, decode):
     if not isinstance(w, PackedWeight):
         raise ValueError(f"packed_matmul takes the weight as a PackedWeight (pack_weight(qjax."
@@ -778,12 +797,10 @@ def packed_matmul(x: Float[Array, "*batch k"], w: PackedWeight, *, out_dtype=jnp
     rows_per_step = block_k // 2
     while rows_per_split % rows_per_step:
         rows_per_step //= 2
-    # Shared memory: Triton stages the x and byte tiles num_stages deep and converts the decoded
-    # tiles to the dot layout through it; past ~227 KB the launch fails, so large tiles shrink.
-    x_rows = 1 if method == "vector" else block_m
-    while (rows_per_step > w.group_size and
-           _shared_memory_estimate(x_rows, block_n, rows_per_step, num_stages) > _SHARED_BUDGET):
-        rows_per_step //= 2
+    x_rows = 1 if method == "vector" else block_m  # the vector method reads one row at a time
+    rows_per_step, num_stages, x_rows = _fit_shared_memory(x_rows, block_n, rows_per_step,
+                                                           w.group_size, num_stages)
+    block_m = block_m if method == "vector" else x_rows
     out = _packed_matmul_jit(x.reshape(m, w.k), w, out_dtype=jnp.dtype(out_dtype),
                              block_m=block_m, block_n=block_n, block_k=2 * rows_per_step,
                              split_k=split_k, num_warps=num_warps, num_stages=num_stages,
