@@ -487,6 +487,21 @@ def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode):
             padded)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5))
+def _split_outer_scale(x, fmt: F.Format, axis, rounding, key, scale_mode):
+    """``fake_quant`` split for a GEMM, for formats whose ``bf16_gemm`` is ``"outer_scale"``:
+    ``(elements * block scales, outer scale)``, both float32; the outer scale (x's rank, size 1
+    along ``axis``) is the tensor scale of a two-level format, else the per-tensor or per-channel
+    scale. Their product is ``fake_quant(x)`` up to one float32 rounding."""
+    elements, _, stored, tensor_scale, _, padded = _quantize_core(x, fmt, axis, rounding, key,
+                                                                  scale_mode)
+    scale = _decode_scale(stored, fmt.scaling.scale)
+    if tensor_scale is None:
+        return _crop(elements, padded, x.shape), scale
+    grouped_scale = scale.reshape([d for n in scale.shape for d in (n, 1)])
+    return _crop(elements * grouped_scale, padded, x.shape), tensor_scale
+
+
 def _crop(grouped, padded_shape, shape):
     x = grouped.reshape(padded_shape)
     if padded_shape != tuple(shape):

@@ -31,7 +31,6 @@ estimator this is the identity and is skipped.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -43,7 +42,7 @@ from jaxtyping import Array, Float, Key
 
 from qjax import estimators as E
 from qjax import formats as F
-from qjax.quantize import dequantize, fake_quant, quantize, round_to_element
+from qjax.quantize import _split_outer_scale, fake_quant, round_to_element
 from qjax import recipes as R
 from qjax import transforms as T
 
@@ -77,19 +76,6 @@ def _prescaled_fake_quant(x, fmt: F.Format, axis, prescale, rounding, key, scale
     bits = None if rounding == "nearest" else jax.random.bits(key, x.shape, jnp.uint32)
     elements = round_to_element(y, fmt.element, rounding=rounding, random_bits=bits)
     return elements * scale, np.float32(1 / prescale)
-
-
-def _split_outer_scale(x, fmt: F.Format, axis, rounding, key, scale_mode):
-    """``(elements * block scales, outer scale)`` of ``quantize(x, fmt)`` for a format whose
-    ``bf16_gemm`` is ``"outer_scale"``; the outer scale (float32, x's rank, size 1 along ``axis``)
-    is the tensor scale of a two-level format, else the per-tensor or per-channel scale."""
-    q = quantize(x, fmt, axis=axis, rounding=rounding, key=key, scale_mode=scale_mode)
-    if q.tensor_scale is not None:
-        outer, q = q.tensor_scale, dataclasses.replace(q, tensor_scale=None)
-    else:
-        outer, q = q.scales.astype(jnp.float32), dataclasses.replace(
-            q, scales=jnp.ones_like(q.scales))
-    return dequantize(q, jnp.float32), outer
 
 
 def quantize_operand(x: Float[Array, "..."], spec: R.OperandSpec, *, axis: int,
@@ -143,7 +129,8 @@ def _gemm_operand(x, spec: R.OperandSpec, *, axis: int, key):
                                               spec.scale_mode)
         exact = exact == "dequantized"  # the prescaled path keeps the tensor scale in the values
     elif exact == "outer_scale":
-        values, outer = _split_outer_scale(x, fmt, axis, spec.rounding, key, spec.scale_mode)
+        values, outer = _split_outer_scale(x, fmt, axis % x.ndim, spec.rounding, key,
+                                           spec.scale_mode)
     else:
         values, outer = fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
                                    scale_mode=spec.scale_mode), None
