@@ -142,10 +142,6 @@ def _narrow(values, spec: R.OperandSpec):
     return values.astype(jnp.bfloat16) if spec.fmt.bf16_gemm == "dequantized" else values
 
 
-def _with_outer(values, outer, dtype):
-    return values.astype(dtype) if outer is None else values.astype(dtype) * outer
-
-
 # --------------------------------------------------------------------------- one GEMM
 
 
@@ -228,7 +224,8 @@ def _saved_quantized(values, outer, gemm: R.GemmSpec, axis, signs, dtype):
     """A forward-quantized operand as the backward GEMMs re-read it (dequantized, un-rotated)."""
     if gemm.transform is None and outer is None:
         return values
-    return _rotate(_with_outer(values, outer, dtype), gemm, axis, signs, inverse=True)
+    dequantized = values.astype(dtype) if outer is None else values.astype(dtype) * outer
+    return _rotate(dequantized, gemm, axis, signs, inverse=True)
 
 
 def _forward(recipe, precision, out_dtype, x, w, key):
