@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
-# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, packed, mlp, optim, lm, lmprofile, scaling;
-# default: all but fqtests, lmprofile and scaling, which needs >= 2 GPUs: nvidia-h200-x2).
+# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, packed, mlp, optim, optimfused,
+# lm, lmprofile, scaling; default: all but fqtests, optimfused, lmprofile and scaling, which needs
+# >= 2 GPUs: nvidia-h200-x2).
 set -u
 export PYTHONPATH="$PWD:$PWD/benchmarks"
 parts="${*:-tests bitexact quantize kernel qkernel matmul packed mlp optim lm}"
@@ -21,10 +22,13 @@ for part in $parts; do
               --configs 8x512x4,16x512x4,4x2048x8 2>&1 | tail -16 ;;
     qkernel) timeout 120 python benchmarks/quantize_kernel.py --formats mxfp4,mxfp8,nvfp4 2>&1 | tail -18 ;;
     packed) timeout 300 python benchmarks/packed_matmul.py --budget 240 2>&1 | tail -30 ;;
-    mlp) timeout 400 python benchmarks/mlp_step.py 2>&1 | grep -v Warn | tail -10 ;;
+    mlp) timeout 400 python benchmarks/mlp_step.py 2>&1 | grep -v Warn | grep -v "^ \|^E1\|^This\|^If" \
+           | tail -12 ;;
     matmul) [ -f benchmarks/scaled_matmul.py ] && timeout 300 python benchmarks/scaled_matmul.py 2>&1 | tail -40 ;;
     optim) timeout 400 python benchmarks/optim_update.py --hlo --only "optax.adamw" "int8 state + bf16_sr" \
              "fp8 state + bf16_sr" "fp32 state + bf16_sr" 2>&1 | tail -14 ;;
+    optimfused) timeout 400 python benchmarks/optim_update.py --layers 4 --only "optax.adamw" \
+                  "(fused kernel)" "kernel only, b8 w4" 2>&1 | tail -8 ;;
     lmprofile) timeout 300 python benchmarks/lm_step_profile.py --recipes flax,bf16,mxfp4 \
                  --trace "${OUT:-/tmp}/lm_traces" 2>&1 | grep -v Warn | tail -45 ;;
     scaling) timeout 580 python benchmarks/lm_scaling.py --preset base --recipe mxfp4 --steps 30 \
