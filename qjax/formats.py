@@ -412,11 +412,11 @@ class Format:
         scale = self.scaling.scale
         if scale.power_of_two:
             return "dequantized" if element_bits <= 8 else None
+        if self.scaling.tensor_scale:  # the block scale (8-bit float) stays in the values
+            fits = element_bits + scale.float_encoding.mantissa_bits + 1 <= 8
+            return "outer_scale" if fits else None
         if isinstance(self.scaling.granularity, (PerTensor, PerChannel)):
             return "outer_scale" if element_bits <= 8 else None
-        grid = scale.float_encoding
-        if self.scaling.tensor_scale and element_bits + grid.mantissa_bits + 1 <= 8:
-            return "outer_scale"
         return None
 
     def bits_per_value(self, elements_per_tensor: int | None = None) -> float:

@@ -142,7 +142,11 @@ def _wide_range(seed, shape):
     *[R.OperandSpec(f) for f in (R.NVFP4_16x16, R.INT8_PER_TENSOR, R.INT4_PER_CHANNEL)],
     R.OperandSpec("mxfp4", "stochastic", prescale=0.75),
     R.OperandSpec("nvfp4", "stochastic", prescale=0.75),
-    R.OperandSpec("int4"), R.OperandSpec(R.FP8_E4M3_1x128)], ids=lambda s: (
+    R.OperandSpec("int4"), R.OperandSpec(R.FP8_E4M3_1x128),
+    R.OperandSpec(qjax.formats.Format(  # two-level, 4 + 4 significant bits: still exact in bf16
+        "e2m3_two_level", qjax.formats.E2M3_ELEM,
+        qjax.formats.Scaling(qjax.formats.Block(16), qjax.formats.E4M3, tensor_scale=True)))],
+    ids=lambda s: (
         f"{s.fmt.name}-{s.rounding}-{s.prescale}"))
 def test_gemm_operands_are_the_quantized_values(spec):
     """What the quantized GEMMs multiply: values (bfloat16 where ``Format.bf16_gemm`` says that
