@@ -123,18 +123,20 @@ def _gemm_operand(x, spec: R.OperandSpec, *, axis: int, key):
     or float32 of x's rank with size 1 along ``axis``."""
     fmt = spec.fmt
     key = key if spec.needs_key else None
-    exact = fmt.bf16_gemm
+    kind = fmt.bf16_gemm
     if spec.prescale != 1:
         values, outer = _prescaled_fake_quant(x, fmt, axis, spec.prescale, spec.rounding, key,
                                               spec.scale_mode)
-        exact = exact == "dequantized"  # the prescaled path keeps the tensor scale in the values
-    elif exact == "outer_scale":
+        narrow = kind == "dequantized"  # the prescaled values keep any tensor scale
+    elif kind == "outer_scale":
         values, outer = _split_outer_scale(x, fmt, axis % x.ndim, spec.rounding, key,
                                            spec.scale_mode)
+        narrow = True
     else:
         values, outer = fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
                                    scale_mode=spec.scale_mode), None
-    return (values.astype(jnp.bfloat16) if exact else values), outer
+        narrow = kind == "dequantized"
+    return (values.astype(jnp.bfloat16) if narrow else values), outer
 
 
 def _narrow(values, spec: R.OperandSpec):
