@@ -28,16 +28,11 @@ import train_lm  # noqa: E402
 from lm import data as D  # noqa: E402
 from lm import train as T  # noqa: E402
 from lm.model import FLAX, Decoder  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 
-def median_ms(fn, *args, repeats: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - began)
-    return float(np.median(times)) * 1e3
+def median_ms(fn, *args) -> float:
+    return median_seconds(fn, *args, warmup=1, repeats=10, calls_per_repeat=1) * 1e3
 
 
 def top_kernels(trace_file: pathlib.Path, steps: int, count: int) -> list[tuple[float, int, str]]:
