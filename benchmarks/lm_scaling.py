@@ -1,6 +1,7 @@
 """Multi-GPU scaling of the LM example (issue 9): tokens/s on N GPUs vs N x tokens/s on one.
 
     python benchmarks/lm_scaling.py --preset base --recipe mxfp4 --steps 40 --out /tmp/scaling
+                                    [any other train_lm.py option, e.g. --scan-layers]
 
 Runs ``examples/train_lm.py`` once per layout, each in its own process: one device
 (``--mesh data=1``), then data parallel (``data=N``) and FSDP (``fsdp=N``) over all visible
@@ -24,11 +25,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 from train_lm import PRESETS  # noqa: E402
 
 
-def run_layout(name: str, mesh: str, batch_size: int, args, visible: str | None) -> dict:
+def run_layout(name: str, mesh: str, batch_size: int, args, train_lm_args: list[str],
+               visible: str | None) -> dict:
     out = pathlib.Path(args.out) / name
     command = [sys.executable, str(ROOT / "examples" / "train_lm.py"), "--preset", args.preset,
                "--recipes", args.recipe, "--steps", str(args.steps), "--eval-every", "100000",
-               "--batch-size", str(batch_size), "--mesh", mesh, "--out", str(out)]
+               "--batch-size", str(batch_size), "--mesh", mesh, "--out", str(out), *train_lm_args]
     env = dict(os.environ)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
@@ -49,7 +51,7 @@ def main():
                         help="sequences per device and step (default: the preset's batch)")
     parser.add_argument("--devices", type=int, default=None, help="N (default: all visible)")
     parser.add_argument("--out", default="/tmp/lm_scaling")
-    args = parser.parse_args()
+    args, train_lm_args = parser.parse_known_args()
 
     import jax  # only to count the devices; each layout runs in a fresh process
 
@@ -57,12 +59,12 @@ def main():
     if n < 2:
         raise SystemExit(f"lm_scaling needs at least 2 devices; {jax.device_count()} visible.")
     per_device = args.per_device_batch or PRESETS[args.preset].batch_size
-    rows = [run_layout("1 device", "data=1", per_device, args, visible="0")]
-    rows.append(run_layout(f"data parallel x{n}", f"data={n}", per_device * n, args, None))
-    rows.append(run_layout(f"FSDP x{n}", f"fsdp={n}", per_device * n, args, None))
+    rows = [run_layout("1 device", "data=1", per_device, args, train_lm_args, visible="0")]
+    for name, mesh in ((f"data parallel x{n}", f"data={n}"), (f"FSDP x{n}", f"fsdp={n}")):
+        rows.append(run_layout(name, mesh, per_device * n, args, train_lm_args, None))
     one = rows[0]["tokens/s"]
     print(f"\n{jax.devices()[0].device_kind} x{n} | JAX {jax.__version__} | preset {args.preset} | "
-          f"recipe {args.recipe} | {per_device} sequences per device")
+          f"recipe {args.recipe} {' '.join(train_lm_args)} | {per_device} sequences per device")
     print("| layout | mesh | batch | tokens/s | step ms | compile s | scaling efficiency |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,6 +1,7 @@
 """Where the time of a train_lm.py step goes, per recipe (issue 8).
 
     python benchmarks/lm_step_profile.py --recipes flax,bf16 [--preset small] [--trace DIR]
+                                         [any train_lm.py option, e.g. --scan-layers]
 
 For each recipe: compile time, then the median times of the forward loss, the forward and backward
 pass, and the whole train step (optimizer included) on one fixed batch. With ``--trace DIR`` it
@@ -104,13 +105,13 @@ def main():
     parser.add_argument("--trace", help="record a perfetto trace per recipe under this folder")
     parser.add_argument("--trace-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per recipe")
-    args = parser.parse_args()
-    config = train_lm.build_config(train_lm.parse_args(["--preset", args.preset]))
+    args, train_lm_args = parser.parse_known_args()
+    config = train_lm.build_config(train_lm.parse_args(["--preset", args.preset] + train_lm_args))
     corpus = D.load_corpus(None)
     tokens = jax.numpy.asarray(D.train_batch(corpus, 0, batch_size=config.batch_size,
                                              seq_len=config.seq_len, seed=config.seed))
-    print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, preset {args.preset}: "
-          f"{config.batch_size} x {config.seq_len} tokens per step")
+    print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, preset {args.preset} "
+          f"{' '.join(train_lm_args)}: {config.batch_size} x {config.seq_len} tokens per step")
     for recipe in train_lm.parse_recipes(args.recipes):
         profile(recipe, config, tokens, pathlib.Path(args.trace) if args.trace else None,
                 args.trace_steps, args.top)

@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tie-embeddings", action="store_true",
                         help="output head = embedding matrix transposed")
     parser.add_argument("--remat", action="store_true", help="recompute blocks in backward")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="one lax.scan over stacked blocks: compiles one block instead of "
+                             "all (much faster compiles for quantizing recipes)")
     parser.add_argument("--data", help="a text file or a folder of text files (default: the "
                                        "Python standard library's sources)")
     parser.add_argument("--out", help="output folder (default: runs/train_lm_<preset>)")
@@ -189,7 +192,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         vocab_size=D.VOCAB_PADDED, d_model=preset.d_model, num_layers=preset.num_layers,
         num_heads=preset.num_heads, mlp_hidden=preset.mlp_hidden, head_recipe=args.head_recipe,
         tie_embeddings=args.tie_embeddings, attention=args.attention, dtype=dtype,
-        remat=args.remat)
+        remat=args.remat, scan_layers=args.scan_layers)
     return TrainConfig(
         model=model, steps=pick(args.steps, preset.steps),
         batch_size=pick(args.batch_size, preset.batch_size),

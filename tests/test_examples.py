@@ -189,6 +189,35 @@ def test_bf16_recipe_model_equals_the_plain_flax_twin():
                                   flax_model.apply(params, tokens))
 
 
+@pytest.mark.parametrize("recipe", ["mxfp8", "mxfp4_all_rtn"])
+def test_scanned_blocks_compute_the_unrolled_model(recipe):
+    # The same parameters stacked along a layer axis give the same logits and gradients (recipes
+    # that round to nearest: stochastic ones draw per-layer keys differently in the two forms).
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, D.VOCAB)
+    config = M.ModelConfig(D.VOCAB_PADDED, 64, 3, 2, 128, recipe=recipe, dtype="float32")
+    unrolled = M.Decoder(config)
+    scanned = M.Decoder(dataclasses.replace(config, scan_layers=True))
+    params = unrolled.init(jax.random.key(0), tokens)["params"]
+    blocks = [params.pop(f"block_{i}") for i in range(3)]
+    stacked = dict(params, blocks={"block": jax.tree.map(lambda *a: jnp.stack(a), *blocks)})
+    assert jax.tree.structure(scanned.init(jax.random.key(0), tokens)["params"]) == \
+        jax.tree.structure(stacked)
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, tokens)
+        return jnp.mean(logits.astype(jnp.float32) ** 2), logits
+
+    (_, logits), grads = jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True)(params | {
+        f"block_{i}": b for i, b in enumerate(blocks)})
+    (_, scanned_logits), scanned_grads = jax.value_and_grad(
+        lambda p: loss(scanned, p), has_aux=True)(stacked)
+    np.testing.assert_array_equal(scanned_logits, logits)
+    grads_stacked = jax.tree.map(lambda *a: jnp.stack(a), *[grads[f"block_{i}"] for i in range(3)])
+    for a, b in zip(jax.tree.leaves(scanned_grads["blocks"]["block"]),
+                    jax.tree.leaves(grads_stacked)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lookup_is_the_embedding_gather_and_its_gradient_the_exact_row_sums(dtype):
     import flax.linen as nn

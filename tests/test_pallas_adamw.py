@@ -210,6 +210,20 @@ def _params():
             "b": jnp.zeros(256, jnp.bfloat16)}                              # too small: the chain
 
 
+def test_default_adamw_runs_the_chain_off_the_gpu():
+    params = _params()
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    default = qo.adamw(0.1, state_fmt="int8", params="bf16_sr")
+    chain = qo.adamw(0.1, state_fmt="int8", params="bf16_sr", fused=False)
+    state = chain.init(params)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        got = jax.jit(default.update)(grads, state, params)
+        want = jax.jit(chain.update)(grads, state, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_fused_adamw_keeps_the_state_pytree_and_interoperates():
     params = _params()
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
@@ -311,7 +325,7 @@ def test_gpu_kernel_is_bit_identical_to_the_reference_on_cpu(shape, mode, decode
 def test_gpu_adamw_dispatches_to_the_kernel_and_trains():
     params, grads = _params(), None
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
-    opt = qo.adamw(0.1, state_fmt="int8", params="bf16_sr", fused=None)
+    opt = qo.adamw(0.1, state_fmt="int8", params="bf16_sr")  # the default, fused=None
     text = jax.jit(opt.update).lower(grads, jax.jit(opt.init)(params), params).as_text()
     assert "triton" in text.lower()  # the Pallas kernel's custom call
     r = _train_runs()

@@ -114,6 +114,24 @@ def test_sharded_training_gives_the_unsharded_loss_curve(recipe, tolerance):
 
 
 @needs_8
+def test_scanned_blocks_keep_their_layer_axis_whole_and_train_as_unsharded():
+    config = dataclasses.replace(CONFIG, model=dataclasses.replace(MODEL, num_layers=2,
+                                                                   scan_layers=True))
+    plan = S.make_plan(S.parse_mesh(MESH))
+    abstract = jax.eval_shape(lambda: T.init_state(Decoder(config.model),
+                                                   T.make_optimizer(config), config))
+    specs = jax.tree.map(lambda s: s.spec, plan.shardings(abstract.params))["blocks"]["block"]
+    assert specs["attention"]["qkv"]["kernel"] == P(None, "fsdp", "tensor")
+    assert specs["mlp"]["down"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["mlp_norm"]["scale"] == P(None, "fsdp")
+    corpus = _corpus()
+    alone = T.train_recipe("mxfp4", config, corpus, verbose=False)
+    sharded = T.train_recipe("mxfp4", config, corpus, verbose=False, mesh=MESH)
+    assert np.all(np.isfinite(alone.train_loss))
+    np.testing.assert_allclose(sharded.train_loss, alone.train_loss, rtol=0, atol=2e-4)
+
+
+@needs_8
 def test_fsdp_step_all_gathers_only_the_weights():
     # The embedding's one-hot-matmul gradient must reduce partial sums, not all-gather its
     # batch-sized cotangent (lm.model.lookup's sharding hint; see docs/sharding.md).

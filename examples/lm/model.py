@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 import qjax
 
 from lm import variants
-from lm.sharding import BATCH_AXES
+from lm.sharding import BATCH_AXES, SCANNED
 
 FLAX = "flax"  # pseudo-recipe: plain flax.linen layers, no qjax (the twin the speed bar uses)
 ATTENTION_CHOICES = ("auto", "cudnn", "xla", "quantized")
@@ -126,6 +126,11 @@ class ModelConfig:
       param_dtype: parameter dtype.
       rope_theta: RoPE base.
       remat: recompute each block in the backward pass (saves activation memory).
+      scan_layers: run the blocks as one ``flax.linen.scan`` over parameters stacked along a
+        leading layer axis (under ``blocks/block``) instead of ``block_0`` .. ``block_{L-1}``:
+        XLA compiles one block instead of L, which matters most for quantizing recipes (each
+        projection carries up to six quantizers). Same model, different parameter tree; the
+        step is slower (bf16 at the base preset on an H200: 68.0 vs 48.5 ms).
     """
 
     vocab_size: int
@@ -141,6 +146,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     rope_theta: float = 10000.0
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -255,6 +261,17 @@ class Block(nn.Module):
         return x + SwiGLU(c, name="mlp")(norm("mlp_norm")(x))
 
 
+class _ScannedBlock(nn.Module):
+    """One step of the layer scan: ``(x, None) -> (block(x), None)``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b t d"], _) -> tuple[Float[Array, "b t d"], None]:
+        block = nn.remat(Block) if self.config.remat else Block
+        return block(self.config, name="block")(x), None
+
+
 class Decoder(nn.Module):
     """The language model: tokens ``[batch, length]`` -> logits ``[batch, length, vocab]``.
 
@@ -275,9 +292,15 @@ class Decoder(nn.Module):
                           param_dtype=c.param_dtype,
                           embedding_init=nn.initializers.normal(0.02), name="embed")
         x = lookup(embedding, tokens)
-        block = nn.remat(Block) if c.remat else Block
-        for i in range(c.num_layers):
-            x = block(c, name=f"block_{i}")(x)
+        if c.scan_layers:
+            stacked = {"params": 0, qjax.nn.SCALING_COLLECTION: 0, qjax.nn.STATS_COLLECTION: 0}
+            blocks = nn.scan(_ScannedBlock, variable_axes=stacked, length=c.num_layers,
+                             split_rngs={"params": True, qjax.nn.QUANT_STREAM: True})
+            x, _ = blocks(c, name=SCANNED)(x, None)
+        else:
+            block = nn.remat(Block) if c.remat else Block
+            for i in range(c.num_layers):
+                x = block(c, name=f"block_{i}")(x)
         x = nn.RMSNorm(1e-5, dtype=c.dtype, param_dtype=c.param_dtype, name="final_norm")(x)
         if c.tie_embeddings:
             return embedding.attend(x)

