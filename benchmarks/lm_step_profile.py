@@ -52,7 +52,7 @@ def top_kernels(trace_file: pathlib.Path, steps: int, count: int) -> list[tuple[
 
 
 def profile(recipe: str, config: T.TrainConfig, tokens, trace_dir: pathlib.Path | None,
-            trace_steps: int, count: int) -> None:
+            trace_steps: int, count: int, step_only: bool = False) -> None:
     model_config = dataclasses.replace(
         config.model, recipe=recipe,
         head_recipe=FLAX if recipe == FLAX else config.model.head_recipe)
@@ -69,8 +69,10 @@ def profile(recipe: str, config: T.TrainConfig, tokens, trace_dir: pathlib.Path 
     began = time.perf_counter()
     step = train_step.lower(state, tokens).compile()
     compile_s = time.perf_counter() - began
-    forward = median_ms(jax.jit(loss), state.params, tokens)
-    backward = median_ms(jax.jit(jax.value_and_grad(loss)), state.params, tokens)
+    forward = backward = float("nan")
+    if not step_only:  # two more compilations
+        forward = median_ms(jax.jit(loss), state.params, tokens)
+        backward = median_ms(jax.jit(jax.value_and_grad(loss)), state.params, tokens)
     times = []
     for _ in range(13):
         began = time.perf_counter()
@@ -105,6 +107,8 @@ def main():
     parser.add_argument("--trace", help="record a perfetto trace per recipe under this folder")
     parser.add_argument("--trace-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per recipe")
+    parser.add_argument("--step-only", action="store_true",
+                        help="time only the train step (one compilation per recipe, not three)")
     args, train_lm_args = parser.parse_known_args()
     config = train_lm.build_config(train_lm.parse_args(["--preset", args.preset] + train_lm_args))
     corpus = D.load_corpus(None)
@@ -114,7 +118,7 @@ def main():
           f"{' '.join(train_lm_args)}: {config.batch_size} x {config.seq_len} tokens per step")
     for recipe in train_lm.parse_recipes(args.recipes):
         profile(recipe, config, tokens, pathlib.Path(args.trace) if args.trace else None,
-                args.trace_steps, args.top)
+                args.trace_steps, args.top, args.step_only)
 
 
 if __name__ == "__main__":

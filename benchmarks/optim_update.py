@@ -139,12 +139,13 @@ def variants():
         ("int8 state + bf16_sr", int8_sr, bf16, bf16),  # the composable chain
         ("int8 state + bf16_sr (fused kernel)",
          lambda: qo.adamw(lr, state_fmt="int8", params="bf16_sr", fused=None), bf16, bf16),
-        ("int8 fused kernel only, b8 w4", int8_sr, bf16, bf16, kernel_only_step(Config(8, 4))),
+        ("int8 fused kernel only, b8 w4 arith", int8_sr, bf16, bf16,
+         kernel_only_step(Config(8, 4, decode="arith"))),
         ("int8 fused kernel only, b8 w8", int8_sr, bf16, bf16, kernel_only_step(Config(8, 8))),
         ("int8 fused kernel only, b16 w8", int8_sr, bf16, bf16, kernel_only_step(Config(16, 8))),
         ("int8 fused kernel only, b4 w4", int8_sr, bf16, bf16, kernel_only_step(Config(4, 4))),
         ("int8 fused kernel only, b8 w4 gather", int8_sr, bf16, bf16,
-         kernel_only_step(Config(8, 4, decode="gather"))),
+         kernel_only_step(Config(8, 4, decode="gather"))),  # the default configuration
         ("int8 state, fp32 params (fused)", lambda: qo.adamw(lr, state_fmt="int8", fused=None),
          f32, f32),
         ("int8 state + bf16_sr, rbg", lambda: qo.adamw(lr, state_fmt="int8", params="bf16_sr",

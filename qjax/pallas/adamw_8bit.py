@@ -122,13 +122,15 @@ class AdamwKernelConfig:
       blocks_per_program: quantization blocks per program (a power of two).
       num_warps: Triton warps per program.
       num_stages: Triton pipelining depth (None: Pallas' default).
-      decode: ``"arith"`` (exact arithmetic decoding) or ``"gather"`` (table loads).
+      decode: ``"gather"`` (table loads; the default: 6.2 ms against 9.2 ms for ``"arith"``
+        on an H200 at 268M parameters, 2026-11-23) or ``"arith"`` (exact arithmetic decoding,
+        no table). Both decode to the same bits.
     """
 
     blocks_per_program: int = 8
     num_warps: int = 4
     num_stages: int | None = None
-    decode: str = "arith"
+    decode: str = "gather"
 
     def __post_init__(self):
         b = self.blocks_per_program
