@@ -123,24 +123,21 @@ def _gemm_operand(x, spec: R.OperandSpec, *, axis: int, key):
     or float32 of x's rank with size 1 along ``axis``."""
     fmt = spec.fmt
     key = key if spec.needs_key else None
-    kind = fmt.bf16_gemm
-    if spec.prescale != 1:
+    if spec.prescale != 1:  # the prescaled values keep any tensor scale: narrowed as dequantized
         values, outer = _prescaled_fake_quant(x, fmt, axis, spec.prescale, spec.rounding, key,
                                               spec.scale_mode)
-        narrow = kind == "dequantized"  # the prescaled values keep any tensor scale
-    elif kind == "outer_scale":
+        return _narrow(values, spec), outer
+    if fmt.bf16_gemm == "outer_scale":
         values, outer = _split_outer_scale(x, fmt, axis % x.ndim, spec.rounding, key,
                                            spec.scale_mode)
-        narrow = True
-    else:
-        values, outer = fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
-                                   scale_mode=spec.scale_mode), None
-        narrow = kind == "dequantized"
-    return (values.astype(jnp.bfloat16) if narrow else values), outer
+        return values.astype(jnp.bfloat16), outer
+    values = fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
+                        scale_mode=spec.scale_mode)
+    return _narrow(values, spec), None
 
 
 def _narrow(values, spec: R.OperandSpec):
-    """``values`` (an estimator's quantized operand) in bfloat16 when that holds it exactly."""
+    """Dequantized ``values`` of ``spec``'s format in bfloat16 when that holds them exactly."""
     return values.astype(jnp.bfloat16) if spec.fmt.bf16_gemm == "dequantized" else values
 
 
