@@ -2,8 +2,9 @@
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
 # (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, fp8gemm, packed, mlp, optim,
-# optimfused, lm, lmprofile, lmunrolled, scaling, collectives; default: all but fqtests, optimfused,
-# lmprofile, lmunrolled and the parts that need >= 2 GPUs (nvidia-h200-x2): scaling, collectives).
+# optimfused, optimcosts, lm, lmprofile, lmunrolled, scaling, collectives; default: all but fqtests,
+# optimfused, optimcosts, lmprofile, lmunrolled and the parts that need >= 2 GPUs
+# (nvidia-h200-x2): scaling, collectives).
 # Each part's whole output goes to $OUT/<part>.txt (default OUT: /tmp); its last lines are printed.
 set -u
 export PYTHONPATH="$PWD:$PWD/benchmarks"
@@ -30,7 +31,8 @@ for part in $parts; do
     optim) timeout 400 python benchmarks/optim_update.py --hlo --only "optax.adamw" "int8 state + bf16_sr" \
              "fp8 state + bf16_sr" "fp32 state + bf16_sr" 2>&1 ;;
     optimfused) timeout 400 python benchmarks/optim_update.py --layers 4 --only "optax.adamw" \
-                  "int8 state + bf16_sr" "kernel only, b8 w4" 2>&1 ;;
+                  "int8 state + bf16_sr" "kernel only" 2>&1 ;;
+    optimcosts) timeout -s INT 250 python benchmarks/adamw_kernel_costs.py --layers 4 2>&1 ;;
     lmprofile) timeout -s INT 190 python benchmarks/lm_step_profile.py --preset base --scan-layers \
                  --recipes flax,bf16,mxfp4,mxfp8 --trace "$OUT/lm_traces" 2>&1 | grep -v Warn ;;
     lmunrolled) timeout 200 python benchmarks/lm_step_profile.py --preset base --recipes flax,bf16 \

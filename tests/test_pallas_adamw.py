@@ -98,8 +98,9 @@ def test_encode_rounds_to_a_neighbour_without_bias(unsigned):
     x[-1] = absmax  # the block maximum itself
     n = 4000
     u = jax.random.uniform(jax.random.key(5), (n, x.size))
+    table = jnp.asarray(K._code_table())
     encode = jax.jit(lambda x, u: K._encode(x, jnp.float32(absmax), jnp.asarray(unsigned), u,
-                                            K._Ops(False)))
+                                            K._Ops(False), lambda i: table[i]))
     c = np.asarray(encode(jnp.broadcast_to(jnp.asarray(x), (n, x.size)), u))
     values = TABLES[unsigned][c].astype(np.float64)
     v = np.abs(x.astype(np.float64)) / absmax
@@ -184,6 +185,25 @@ def test_kernel_matches_reference_bit_for_bit(shape, blocks, mode, decode):
     exact = 0.1 * g + 0.9 * qo.dequantize_tensor(mu)
     assert float(jnp.max(jnp.abs(m - exact))) < 0.03 * float(jnp.max(jnp.abs(exact)))
     assert np.all(np.asarray(got[2].block_info) == 1)  # second moments: unsigned blocks
+
+
+def test_in_place_update_of_donated_buffers_gives_the_same_step():
+    # The kernel writes the moments (and, with param_in_place, the weights) into its inputs'
+    # buffers; donated or not, the results are those of the reference.
+    g, p, mu, nu, h, keys = _inputs((6, 512), 11)
+    want = K.adamw_8bit_reference(g, p, mu, nu, h, keys, decay_bf16=True)
+    step = jax.jit(lambda p, mu, nu: K.adamw_8bit_pallas(
+        g, p, mu, nu, h, keys, decay_bf16=True, param_in_place=True, interpret=True),
+        donate_argnums=(0, 1, 2))
+    _assert_identical(step(p, mu, nu), want)
+    # not donated: the inputs stay intact for later use
+    g, p, mu, nu, h, keys = _inputs((6, 512), 11)
+    p_before, mu_before = np.asarray(p.astype(jnp.float32)), np.asarray(mu.codes)
+    got = jax.jit(lambda p, mu, nu: K.adamw_8bit_pallas(
+        g, p, mu, nu, h, keys, decay_bf16=True, param_in_place=True, interpret=True))(p, mu, nu)
+    _assert_identical(got, want)
+    np.testing.assert_array_equal(np.asarray(p.astype(jnp.float32)), p_before)
+    np.testing.assert_array_equal(np.asarray(mu.codes), mu_before)
 
 
 def test_bad_arguments_name_the_choices():

@@ -28,15 +28,15 @@ exhaustively by the tests), so decoded values are exactly ``dequantize_tensor``'
 
 **Encoding without a search.** For ``v = |x| / absmax`` the decade follows from six comparisons,
 and inside a decade the index is linear in ``v``: ``J(v) = (v * 2**(8+unsigned) * 5**(7-i) + 16 *
-2**e - 9) / 18``. Its floor is the lower neighbour; across a decade boundary ``J(v)`` is continuous,
-so a ``v`` classified into the wrong decade by rounding still gets the right neighbour. The two
-neighbours' values in the decade's units ("N units") give the rounding probability: the upper
-code with probability ``(v - lo) / (hi - lo)``, computed in float32 (an error of about ``2**-22``
-of a code gap in the probability; the neighbour choice itself is exact except within ``~2e-5``
-code gaps of a code, where either choice is within that distance of ``v``). Signed blocks lack
-``-m_0`` (the smallest magnitude, see ``codes``): a negative ``|v| < m_1`` rounds between 0 and
-``-m_1``. In non-negative blocks a positive value never takes code 0 (the second-moment guard
-of :mod:`qjax.optim.state`).
+2**e - 9) / 18`` (both constants of the decade come from a 28-entry extension of the code table).
+Its floor is the lower neighbour; across a decade boundary ``J(v)`` is continuous, so a ``v``
+classified into the wrong decade by rounding still gets the right neighbour. The two neighbours'
+values are then loaded from the code table, and the upper one is taken with probability ``(x -
+lo) / (hi - lo)``, the formula of :func:`qjax.optim.codes.nearest_code` (float32 rounding of the
+probability aside; the floor can be one off only within ``~2e-5`` code gaps of a code, where
+either choice is within that distance of ``x``). Signed tables lack ``-m_0`` (the smallest
+magnitude, see ``codes``): a negative ``|v| < m_1`` rounds between 0 and ``-m_1``. In non-negative
+blocks a positive value never takes code 0 (the second-moment guard of :mod:`qjax.optim.state`).
 
 **Random bits, generated in the kernel.** Materialised random arrays would double the bytes
 moved, so each element draws two 32-bit words from a counter-based hash: ``h(idx * 0x9E3779B9 ^
@@ -110,7 +110,7 @@ def _decade_constants():
 
 
 _C_HI, _C_LO = _decade_constants()
-_K0 = tuple(np.float32(256 * 5 ** (7 - i)) for i in range(7))  # v * K0 * 2**s = N units
+_DECADES = 512  # where the encoder's per-decade constants start in _code_table()
 _THRESHOLDS = tuple(np.float32(10.0 ** (d - 7)) for d in range(1, 7))  # decade d starts here
 
 
@@ -123,11 +123,15 @@ class AdamwKernelConfig:
       num_warps: Triton warps per program.
       num_stages: Triton pipelining depth (None: Pallas' default).
       decode: ``"gather"`` (table loads; the default: 6.2 ms against 9.2 ms for ``"arith"``
-        on an H200 at 268M parameters, 2026-11-23) or ``"arith"`` (exact arithmetic decoding,
-        no table). Both decode to the same bits.
+        on an H200 at 268M parameters, 2026-11-23) or ``"arith"`` (exact arithmetic decoding).
+        Both decode to the same bits.
+
+    The default 4 blocks x 4 warps (8 elements per thread, 72 registers): on an H200 at 268M
+    parameters (2026-11-23, benchmarks/adamw_kernel_costs.py) 2x2 and 8x8 were within 6% of it
+    in two runs, 8x4 (the earlier default, 117 registers) 11-19% slower.
     """
 
-    blocks_per_program: int = 8
+    blocks_per_program: int = 4
     num_warps: int = 4
     num_stages: int | None = None
     decode: str = "gather"
@@ -312,9 +316,10 @@ def decode_int8(code: UInt8[Array, "..."], unsigned) -> Float[Array, "..."]:
     return jnp.where(neg, -value, value)
 
 
-def _encode(x, absmax, unsigned, u, ops):
+def _encode(x, absmax, unsigned, u, ops, lookup):
     """uint8 codes of float32 ``x`` in blocks with ``absmax`` (broadcast) and the unsigned flag,
-    stochastically rounded with uniforms ``u`` in [0, 1) (see the module docstring)."""
+    stochastically rounded with uniforms ``u`` in [0, 1) (see the module docstring). ``lookup``
+    maps int32 indices into :func:`_code_table` to its values."""
     a = _f32(_bits(x) & _ABS)
     negative = (_bits(x) >> 31) == 1
     r = jnp.where(absmax > 0, ops.rcp(jnp.where(absmax > 0, absmax, np.float32(1))), np.float32(0))
@@ -323,33 +328,22 @@ def _encode(x, absmax, unsigned, u, ops):
     i = jnp.zeros(v.shape, jnp.int32)
     for t in _THRESHOLDS:
         i = i + (v >= t).astype(jnp.int32)
-    p_int = jnp.left_shift(1, i + s)  # 2**e, e = i + s
-    p = _small_int_to_f32(p_int)
-    k = _select(i, _K0) * jnp.where(s == 1, np.float32(2), np.float32(1))
-    y = ops.mul(v, k)  # v in N units of decade i
+    decade = _DECADES + i + 7 * s
+    y = ops.mul(v, lookup(decade))  # v in N units of decade i
     # Both steps through ops: a plain product followed by an add may become one FMA on the GPU
     # and move the floor below across an integer.
-    j_real = ops.mul(ops.add(y, p * np.float32(16) - np.float32(9)), np.float32(1 / 18))
+    j_real = ops.mul(ops.add(y, lookup(decade + 14)), np.float32(1 / 18))
     t = ops.add(j_real, _TWO23)  # round to integer, then step down if it rounded up: an exact floor
-    j_lo = (_bits(t) - _MAGIC).astype(jnp.int32)
-    j_lo = j_lo - ((t - _TWO23) > j_real).astype(jnp.int32)
-    j_lo = jnp.minimum(jnp.maximum(j_lo, s), 2 * p_int - 1)
-    j_hi = j_lo + 1
-    n_lo = _small_int_to_f32(jnp.maximum(18 * j_lo + 9 - 16 * p_int, 0))
-    lo = jnp.where(j_lo < p_int, jnp.where(i == 0, np.float32(0), p * np.float32(2) - np.float32(1.8)),
-                   n_lo)
-    n_hi = _small_int_to_f32(jnp.maximum(18 * j_hi + 9 - 16 * p_int, 0))
-    hi = jnp.where(j_hi == 2 * p_int,
-                   p * np.float32(20) + jnp.where(i == 6, np.float32(0), np.float32(45)), n_hi)
-    hole = negative & (s == 0) & (j_lo <= 1)  # signed tables have no -m_0: round between 0, -m_1
-    lo = jnp.where(hole, np.float32(0), lo)
-    hi = jnp.where(hole, jnp.where(i == 0, np.float32(65), np.float32(13)), hi)  # m_1
-    q_lo = jnp.where(hole, 0, j_lo - s)
-    q_hi = jnp.where(hole, 2, j_hi - s)
-    take_hi = (u * (hi - lo) < y - lo) | (y >= hi)
-    q = jnp.where(take_hi, q_hi, q_lo)
-    q = jnp.where((s == 1) & (a > 0) & (q == 0), 1, q)  # a positive second moment never rounds to 0
-    code = jnp.where(s == 1, q, jnp.where(negative & (q > 0), 128 - q, 127 + q))
+    q_lo = (_bits(t) - _MAGIC).astype(jnp.int32) - ((t - _TWO23) > j_real).astype(jnp.int32) - s
+    # The table index of the signed value's lower neighbour: signed tables hold -m(q) at 128 - q
+    # for q >= 2 (no -m_0: a negative value below m_1 rounds between -m_1 and 0).
+    lo_index = jnp.where(s == 1, q_lo, jnp.where(negative, 127 - jnp.maximum(q_lo, 1), 127 + q_lo))
+    lo_index = jnp.minimum(jnp.maximum(lo_index, 0), 254) + 256 * s
+    lo, hi = lookup(lo_index), lookup(lo_index + 1)
+    sv = jnp.where(negative, -v, v)
+    take_hi = (u * (hi - lo) < sv - lo) | (sv >= hi)
+    code = lo_index - 256 * s + take_hi.astype(jnp.int32)
+    code = jnp.where((s == 1) & (a > 0) & (code == 0), 1, code)  # a positive second moment never rounds to 0
     return code.astype(jnp.uint8)
 
 
@@ -451,6 +445,7 @@ def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_re
     n_unsigned = (_load(ni_ref, row_mask) == 1)[:, None]
     m_codes = _load(mc_ref, tile_mask)
     n_codes = _load(nc_ref, tile_mask)
+    lookup = lambda index: table_ref[index]
     if decode == "gather":
         m_table = table_ref[m_codes.astype(jnp.int32) + 256 * m_unsigned.astype(jnp.int32)]
         n_table = table_ref[n_codes.astype(jnp.int32) + 256 * n_unsigned.astype(jnp.int32)]
@@ -474,13 +469,23 @@ def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_re
     for x, uniform, c_ref, s_ref, i_ref in ((mu, _uniform16(r1), mco_ref, mso_ref, mio_ref),
                                             (nu, _uniform23(r2), nco_ref, nso_ref, nio_ref)):
         absmax, unsigned = _block_stats(x, valid)
-        codes = _encode(x, absmax[:, None], unsigned[:, None], uniform, ops)
+        codes = _encode(x, absmax[:, None], unsigned[:, None], uniform, ops, lookup)
         _store(c_ref, codes, tile_mask)
         _store(s_ref, absmax, row_mask)
         _store(i_ref, unsigned.astype(jnp.uint8), row_mask)
 
 
 # --------------------------------------------------------------------------- wrapper
+
+
+def _code_table() -> np.ndarray:
+    """One float32 table: the signed (indices 0-255) and unsigned (256-511) dynamic codes, then
+    per decade ``i`` and unsigned flag ``s`` the encoder's constants ``K(i) * 2**s`` (at
+    ``_DECADES + i + 7 s``) and ``16 * 2**(i + s) - 9`` (14 further), all exact."""
+    k = [256 * 5 ** (7 - i) * 2**s for s in (0, 1) for i in range(7)]
+    offset = [16 * 2 ** (i + s) - 9 for s in (0, 1) for i in range(7)]
+    return np.concatenate([_codes.dynamic_code(8, True), _codes.dynamic_code(8, False),
+                           np.array(k + offset, np.float32)])
 
 
 def _next_power_of_two(n: int) -> int:
@@ -515,9 +520,9 @@ def _from_tiles(y, shape, block_size):
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "param_mode", "decay", "decay_bf16",
-                                             "config", "interpret"))
+                                             "config", "interpret", "param_in_place"))
 def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hyper, keys, *,
-           block_size, param_mode, decay, decay_bf16, config, interpret):
+           block_size, param_mode, decay, decay_bf16, config, interpret, param_in_place):
     shape = param.shape
     geometry = _geometry(shape, block_size)
     bs_p = _next_power_of_two(block_size)
@@ -528,8 +533,9 @@ def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hy
     row = pl.BlockSpec((g_blocks,), lambda i: (i,))
     whole16 = pl.BlockSpec((16,), lambda i: (0,))
     whole2 = pl.BlockSpec((2,), lambda i: (0,))
-    table_spec = pl.BlockSpec((512,), lambda i: (0,))
-    table = jnp.asarray(np.concatenate([_codes.dynamic_code(8, True), _codes.dynamic_code(8, False)]))
+    table = _code_table()
+    table = jnp.asarray(np.pad(table, (0, _next_power_of_two(table.size) - table.size)))
+    table_spec = pl.BlockSpec(table.shape, lambda i: (0,))  # (Triton blocks: powers of two)
     tiles = lambda x: _to_tiles(x, block_size, bs_p)
     flat = lambda x: x.reshape(-1)
     out_dtype = jnp.bfloat16 if param_mode == "bf16_sr" else jnp.float32
@@ -539,12 +545,19 @@ def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hy
     out_shape = [jax.ShapeDtypeStruct((total_blocks, bs_p), out_dtype), *moment, *moment]
     kernel = functools.partial(_kernel, geometry=geometry, param_mode=param_mode, decay=decay,
                                decay_bf16=decay_bf16, decode=config.decode, asm=not interpret)
+    # Outputs overwrite their inputs' buffers (input index: output index). Without this XLA gives
+    # the kernel fresh buffers and then copies them into the donated state: on an H200 that was
+    # about 40% of the step.
+    aliases = {5: 1, 6: 2, 7: 3, 8: 4, 9: 5, 10: 6}
+    if param_in_place:
+        aliases[4] = 0
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
         in_specs=[whole16, whole2, table_spec, tile, tile, tile, row, row, tile, row, row],
         out_specs=[tile, tile, row, row, tile, row, row],
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
                                                 num_stages=config.num_stages),
         interpret=interpret,
@@ -595,7 +608,8 @@ def supports(param, mu, nu, param_mode: str = "bf16_sr") -> bool:
 def adamw_8bit_pallas(grad: Float[Array, "..."], param: Float[Array, "..."], mu, nu,
                hyper: Float[Array, "16"], keys: UInt32[Array, "2"], *, param_mode: str = "bf16_sr",
                decay: bool = True, decay_bf16: bool = False,
-               config: AdamwKernelConfig = AdamwKernelConfig(), interpret: bool = False):
+               config: AdamwKernelConfig = AdamwKernelConfig(), param_in_place: bool = False,
+               interpret: bool = False):
     """One fused AdamW step of one tensor with int8 moments (the Pallas kernel).
 
     Args:
@@ -609,6 +623,9 @@ def adamw_8bit_pallas(grad: Float[Array, "..."], param: Float[Array, "..."], mu,
       decay: whether weight decay applies to this tensor (the optax mask).
       decay_bf16: whether optax forms ``weight_decay * p`` in bf16 (Python-float decay, bf16 p).
       config: launch parameters (:class:`AdamwKernelConfig`).
+      param_in_place: write the new weights into ``param``'s buffer (``"bf16_sr"`` only). Pays
+        when ``param`` is dead after the call (a donated training state); if it is still used,
+        XLA copies it first. The moments are always updated in their buffers.
       interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
@@ -628,7 +645,8 @@ def adamw_8bit_pallas(grad: Float[Array, "..."], param: Float[Array, "..."], mu,
     _check(grad, param, mu, nu, param_mode)
     out, m, n = _fused(grad, param, mu.codes, mu.scales, mu.block_info, nu.codes, nu.scales,
                        nu.block_info, hyper, keys, block_size=mu.block_size, param_mode=param_mode,
-                       decay=decay, decay_bf16=decay_bf16, config=config, interpret=interpret)
+                       decay=decay, decay_bf16=decay_bf16, config=config, interpret=interpret,
+                       param_in_place=param_in_place and param_mode == "bf16_sr")
     return (out, dataclasses.replace(mu, codes=m[0], scales=m[1], block_info=m[2]),
             dataclasses.replace(nu, codes=n[0], scales=n[1], block_info=n[2]))
 
@@ -678,11 +696,13 @@ def adamw_8bit_reference(grad: Float[Array, "..."], param: Float[Array, "..."], 
     r2 = _hash(m ^ keys[1])
     out = _from_blocks(_new_param(w, u, r1, ops, param_mode), n)
     valid = blocks(jnp.ones(shape, jnp.bool_))
+    table = jnp.asarray(_code_table())
+    lookup = lambda index: table[index]
     results = []
     for x, uniform, q in ((m_new, _uniform16(r1), mu), (n_new, _uniform23(r2), nu)):
         x = jnp.where(valid, x, np.float32(0))
         absmax, unsigned = _block_stats(x, None)
-        c = _encode(x, absmax[..., None], unsigned[..., None], uniform, ops)
+        c = _encode(x, absmax[..., None], unsigned[..., None], uniform, ops, lookup)
         results.append(dataclasses.replace(q, codes=_from_blocks(c, n), scales=absmax,
                                            block_info=unsigned.astype(jnp.uint8)))
     return out, results[0], results[1]

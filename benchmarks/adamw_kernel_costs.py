@@ -1,0 +1,148 @@
+"""What each part of the fused AdamW kernel costs on the GPU (issue 7): launch configurations and
+ablations, against ``optax.adamw`` (fp32) in the same run.
+
+    python benchmarks/adamw_kernel_costs.py --layers 4
+    python benchmarks/adamw_kernel_costs.py --layers 4 --configs 8x4,4x4,2x2 --no-ablations
+
+An ablation swaps one part of the kernel for a trivial stand-in of the same inputs and outputs
+(results are wrong, only the time means something): ``no hash`` (random bits = the index),
+``cheap encode`` (codes = a cast), ``cheap adam`` (three products instead of Adam), ``io only``
+(all three: what the loads, decoding, block statistics and stores alone cost), ``copy only``
+(each input tile copied to its output: the memory floor of this tiling). The difference to the full
+kernel is what that part costs. Each variant is timed as the optimizer step over the whole
+Llama-like tree (``optim_update.kernel_only_step``), median of many runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optim_update as ou
+import qjax.optim as qo
+from qjax.pallas import adamw_8bit as K
+
+
+def _cheap_encode(x, absmax, unsigned, u, ops, lookup):
+    return (x * absmax + u + unsigned.astype(jnp.float32)).astype(jnp.int32).astype(jnp.uint8)
+
+
+def _cheap_step(g, w, mu_old, nu_old, h, ops, **_):
+    return g * h[8] + w, g * h[0] + mu_old, g * g * h[2] + nu_old
+
+
+def _copy_kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_ref, ns_ref,
+                 ni_ref, po_ref, mco_ref, mso_ref, mio_ref, nco_ref, nso_ref, nio_ref, **_):
+    po_ref[...] = p_ref[...] + g_ref[...].astype(po_ref.dtype)
+    for src, dst in ((mc_ref, mco_ref), (ms_ref, mso_ref), (mi_ref, mio_ref), (nc_ref, nco_ref),
+                     (ns_ref, nso_ref), (ni_ref, nio_ref)):
+        dst[...] = src[...]
+
+
+ABLATIONS = {
+    "no hash": {"_hash": lambda x: x},
+    "cheap encode": {"_encode": _cheap_encode},
+    "cheap adam": {"_step": _cheap_step},
+    "io only": {"_hash": lambda x: x, "_encode": _cheap_encode, "_step": _cheap_step},
+    "copy only": {"_kernel": _copy_kernel},  # the same tiles in and out (whole tiles only)
+}
+
+
+@contextlib.contextmanager
+def patched(replacements):
+    saved = {name: getattr(K, name) for name in replacements}
+    for name, fn in replacements.items():
+        setattr(K, name, fn)
+    K._fused.clear_cache()  # the kernel wrapper is jitted: retrace with the replacements
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(K, name, fn)
+        K._fused.clear_cache()
+
+
+def parse_config(text: str) -> K.AdamwKernelConfig:
+    """``BxW`` or ``BxWxdecode`` (e.g. ``8x4``, ``4x2xarith``)."""
+    parts = text.split("x")
+    decode = parts[2] if len(parts) > 2 else "gather"
+    return K.AdamwKernelConfig(int(parts[0]), int(parts[1]), decode=decode)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--configs", default="8x4,4x4,2x2,4x2,1x1,2x1,8x8,16x8")
+    parser.add_argument("--ablate-config", default=None, help="config for the ablations "
+                        "(default: the kernel's default)")
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="only run the default kernel three "
+                        "times on one 2048x8192 tensor (for ncu)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args()
+
+    if args.profile:
+        shapes = [("w", (2048, 8192))]
+        opt = qo.adamw(1e-4, state_fmt="int8", params="bf16_sr", fused=False)
+        params = ou.random_tree(shapes, jnp.bfloat16, 0.02, seed=0)
+        grads = ou.random_tree(shapes, jnp.bfloat16, 1e-3, seed=1)
+        fn = jax.jit(ou.kernel_only_step(K.AdamwKernelConfig()))
+        state = jax.jit(opt.init)(params)
+        for _ in range(3):
+            params, state = fn(params, grads, state)
+        jax.block_until_ready(params)
+        return
+    shapes = ou.llama_like_shapes(layers=args.layers)
+    n = sum(int(jnp.prod(jnp.array(s))) for _, s in shapes)
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {n:,} parameters")
+    bw = ou.copy_bandwidth(4 * 2**30, args.warmup, args.iters)
+    print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
+
+    def inputs(opt, p_dtype):
+        params = ou.random_tree(shapes, p_dtype, 0.02, seed=0)
+        grads = ou.random_tree(shapes, p_dtype, 1e-3, seed=1)
+        return [params, grads, jax.jit(opt.init)(params)]
+
+    def measure(step, data):
+        """Times ``step`` on ``data`` (params, grads, state), which it updates in place."""
+        fn = jax.jit(step, donate_argnums=(0, 2))
+        t, (data[0], data[2]) = ou.median_time(fn, tuple(data), args.warmup, args.iters)
+        return t
+
+    def optax_step(opt):
+        def step(p, g, s):
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+        return step
+
+    base_opt = optax.adamw(1e-4)
+    data = inputs(base_opt, jnp.float32)
+    base = measure(optax_step(base_opt), data)
+    del data
+    gc.collect()
+    print(f"\n{'variant':34s} {'ms':>8s} {'x optax':>8s} {'GB/s at 10.08 B/param':>22s}")
+    print(f"{'optax.adamw fp32':34s} {base * 1e3:8.3f} {1.0:8.3f}")
+    data = inputs(qo.adamw(1e-4, state_fmt="int8", params="bf16_sr", fused=False), jnp.bfloat16)
+
+    def row(name, t):
+        print(f"{name:34s} {t * 1e3:8.3f} {t / base:8.3f} {10.08 * n / t / 1e9:22.0f}", flush=True)
+
+    for text in args.configs.split(","):
+        cfg = parse_config(text)
+        row(f"kernel {text}", measure(ou.kernel_only_step(cfg), data))
+    if not args.no_ablations:
+        cfg = parse_config(args.ablate_config) if args.ablate_config else K.AdamwKernelConfig()
+        for name, replacements in ABLATIONS.items():
+            with patched(replacements):
+                row(f"{name} ({cfg.blocks_per_program}x{cfg.num_warps})",
+                    measure(ou.kernel_only_step(cfg), data))
+
+
+if __name__ == "__main__":
+    main()
