@@ -447,8 +447,8 @@ def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_re
     n_codes = _load(nc_ref, tile_mask)
     lookup = lambda index: table_ref[index]
     if decode == "gather":
-        m_table = table_ref[m_codes.astype(jnp.int32) + 256 * m_unsigned.astype(jnp.int32)]
-        n_table = table_ref[n_codes.astype(jnp.int32) + 256 * n_unsigned.astype(jnp.int32)]
+        m_table = lookup(m_codes.astype(jnp.int32) + 256 * m_unsigned.astype(jnp.int32))
+        n_table = lookup(n_codes.astype(jnp.int32) + 256 * n_unsigned.astype(jnp.int32))
     else:
         m_table = decode_int8(m_codes, m_unsigned)
         n_table = decode_int8(n_codes, n_unsigned)
