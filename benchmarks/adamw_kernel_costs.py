@@ -113,15 +113,9 @@ def main():
         t, (data[0], data[2]) = ou.median_time(fn, tuple(data), args.warmup, args.iters)
         return t
 
-    def optax_step(opt):
-        def step(p, g, s):
-            updates, s = opt.update(g, s, p)
-            return optax.apply_updates(p, updates), s
-        return step
-
     base_opt = optax.adamw(1e-4)
     data = inputs(base_opt, jnp.float32)
-    base = measure(optax_step(base_opt), data)
+    base = measure(ou.optax_step(base_opt), data)
     del data
     gc.collect()
     data = inputs(int8(), jnp.bfloat16)

@@ -98,6 +98,15 @@ def count_kernels(compiled_text: str) -> int:
     return sum(1 for line in entry.splitlines() if any(k in line for k in kinds))
 
 
+def optax_step(opt):
+    """The training-state update through optax's API: ``opt.update`` then ``apply_updates``."""
+    def step(p, g, s):
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    return step
+
+
 def kernel_only_step(config):
     """A step that runs the fused kernel on every quantized leaf and writes the new bf16 weights
     directly (no optax updates, no ``apply_updates`` pass): what one pass per tensor costs. The
@@ -182,11 +191,7 @@ def run_benchmark(args):
         grads = random_tree(shapes, g_dtype, 1e-3, seed=1)
         state = jax.jit(opt.init)(params)
 
-        def optax_step(p, g, s, opt=opt):
-            updates, s = opt.update(g, s, p)
-            return optax.apply_updates(p, updates), s
-
-        step = custom[0] if custom else optax_step
+        step = custom[0] if custom else optax_step(opt)
 
         fn = jax.jit(step, donate_argnums=(0, 2))
         kernels = None
