@@ -1,7 +1,7 @@
 """The fused Pallas fake-quant kernel against XLA's ``qjax.fake_quant`` and an elementwise read+write.
 
     python benchmarks/fake_quant_kernel.py [--size 8192] [--formats mxfp4,mxfp8,mxfp6_e3m2,nvfp4]
-                                           [--sweep mxfp4] [--configs 16x512x4,8x1024x4]
+                                           [--sweep mxfp4] [--configs 16x512x4,8x1024x4] [--axis 0]
 
 Each format is first checked bit for bit against ``jax.jit(qjax.fake_quant)`` on the benchmark
 array (bf16, random normal with per-row scales), then timed: ``x * 2`` under jit (one read and one
@@ -40,6 +40,9 @@ def main():
     parser.add_argument("--formats", default="mxfp4,mxfp8,mxfp6_e3m2,mxint8,int4,nvfp4")
     parser.add_argument("--sweep", default="mxfp4", help="formats timed on every configuration")
     parser.add_argument("--configs", default=SWEEP)
+    parser.add_argument("--axis", type=int, default=-1,
+                        help="the quantized axis (0: the wgrad layout; block_rows is then the "
+                             "number of consecutive columns a program takes)")
     args = parser.parse_args()
     n = args.size
     x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -62,7 +65,7 @@ def main():
 
     swept = {}
     for name in args.formats.split(","):
-        ref_fn = jax.jit(lambda x, name=name: qjax.fake_quant(x, name))
+        ref_fn = jax.jit(lambda x, name=name: qjax.fake_quant(x, name, axis=args.axis))
         start = time.perf_counter()
         expected = np.asarray(ref_fn(x)).view(np.uint16)
         compile_ref = time.perf_counter() - start
@@ -76,7 +79,7 @@ def main():
             todo = best + [default] if default not in best else best
         for rows_, cols, warps in todo:
             fn = jax.jit(lambda x, name=name, r=rows_, c=cols, w=warps: fake_quant_pallas(
-                x, name, block_rows=r, block_cols=c, num_warps=w))
+                x, name, block_rows=r, block_cols=c, num_warps=w, axis=args.axis))
             label = f"{rows_}x{cols}x{warps or 'default'}"
             try:
                 start = time.perf_counter()
@@ -98,7 +101,7 @@ def main():
         results["formats"][name] = entry
         flush()
 
-    print(f"\n{environment()} | array {n}x{n} bf16 | jax {jax.__version__}")
+    print(f"\n{environment()} | array {n}x{n} bf16, axis {args.axis} | jax {jax.__version__}")
     print("| op | config (rows x cols x warps) | time (us) | ratio to x*2 | GB/s (read+write) |")
     print("|---|---|---|---|---|")
     for label, config, t in rows:

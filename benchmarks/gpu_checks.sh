@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
-# (parts: tests, fqtests, bitexact, quantize, kernel, qkernel, matmul, fp8gemm, packed, mlp, optim,
-# optimfused, optimcosts, lm, lmprofile, lmunrolled, scaling, collectives; default: all but fqtests,
-# optimfused, optimcosts, lmprofile, lmunrolled and the parts that need >= 2 GPUs
+# (parts: tests, fqtests, qtests, bitexact, quantize, kernel, kernelaxis0, qkernel, operands, matmul,
+# fp8gemm, packed, mlp, mlptrace, optim, optimfused, optimcosts, lm, lmprofile, lmunrolled, scaling,
+# collectives; default: all but fqtests, qtests, kernelaxis0, operands, mlptrace, optimfused,
+# optimcosts, lmprofile, lmunrolled and the parts that need >= 2 GPUs
 # (nvidia-h200-x2): scaling, collectives).
 # Each part's whole output goes to $OUT/<part>.txt (default OUT: /tmp); its last lines are printed.
 set -u
@@ -17,16 +18,23 @@ for part in $parts; do
   case $part in
     fqtests) timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_fake_quant.py \
                2>&1 | grep -v Warning ;;
+    qtests) timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_quantize.py \
+              2>&1 | grep -v Warning ;;
     tests) timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | grep -v Warning ;;
     bitexact) timeout 300 python -m pytest -q -p no:cacheprovider tests/test_reference_bitexact.py \
                 2>&1 | grep -v "^$" ;;
     quantize) timeout 200 python benchmarks/quantize_bandwidth.py 2>&1 ;;
     kernel) timeout 200 python benchmarks/fake_quant_kernel.py --formats mxfp4,mxfp8,int4,nvfp4 \
               --configs 8x512x4,16x512x4,4x2048x8 2>&1 ;;
+    kernelaxis0) timeout 200 python benchmarks/fake_quant_kernel.py --axis 0 --formats mxfp4,mxfp8 \
+                   --configs 256x32x4,128x64x4,512x32x4,256x64x8,64x128x4,1024x32x8,128x32x4 2>&1 ;;
     qkernel) timeout 120 python benchmarks/quantize_kernel.py --formats mxfp4,mxfp8,nvfp4 2>&1 ;;
+    operands) timeout 200 python benchmarks/operand_costs.py --recipes mxfp4,nvfp4,fp8 2>&1 ;;
     fp8gemm) timeout -s INT 200 python benchmarks/fp8_gemm.py 2>&1 ;;
     packed) timeout 300 python benchmarks/packed_matmul.py --budget 240 2>&1 ;;
     mlp) timeout 400 python benchmarks/mlp_step.py 2>&1 | grep -v Warn | grep -v "^ \|^E1\|^This\|^If" ;;
+    mlptrace) timeout 400 python benchmarks/mlp_step.py --recipes bf16,fp8,mxfp4 --iters 10 \
+                --trace "$OUT/mlp_traces" --top 15 2>&1 | grep -v Warn | grep -v "^ \|^E1\|^This\|^If" ;;
     matmul) [ -f benchmarks/scaled_matmul.py ] && timeout 300 python benchmarks/scaled_matmul.py 2>&1 ;;
     optim) timeout 400 python benchmarks/optim_update.py --hlo --only "optax.adamw" "int8 state + bf16_sr" \
              "fp8 state + bf16_sr" "fp32 state + bf16_sr" 2>&1 ;;

@@ -13,10 +13,7 @@ scatter-add (90 of 124 ms per small-preset step on an H100) was found.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import gzip
-import json
 import pathlib
 import sys
 import time
@@ -29,26 +26,11 @@ import train_lm  # noqa: E402
 from lm import data as D  # noqa: E402
 from lm import train as T  # noqa: E402
 from lm.model import FLAX, Decoder  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, top_kernels  # noqa: E402
 
 
 def median_ms(fn, *args) -> float:
     return median_seconds(fn, *args, warmup=1, repeats=10, calls_per_repeat=1) * 1e3
-
-
-def top_kernels(trace_file: pathlib.Path, steps: int, count: int) -> list[tuple[float, int, str]]:
-    """(ms per step, launches per step, name) of the longest device kernels in a perfetto trace."""
-    events = json.loads(gzip.open(trace_file).read())
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and "/device:" in e["args"]["name"]}
-    totals = collections.defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("ph") == "X" and e["pid"] in devices:
-            totals[e["name"]][0] += e.get("dur", 0.0)
-            totals[e["name"]][1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
-    return [(us / 1e3 / steps, n // steps, name) for name, (us, n) in ranked]
 
 
 def profile(recipe: str, config: T.TrainConfig, tokens, trace_dir: pathlib.Path | None,

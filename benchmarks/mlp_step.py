@@ -15,6 +15,7 @@ recipe are the baselines, measured in the same run. Bars (issue 6): ``mxfp4``, `
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 import time
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 import qjax
-from timing import environment
+from timing import environment, top_kernels
 
 
 class MLPStack(nn.Module):
@@ -43,7 +44,7 @@ class MLPStack(nn.Module):
         return x
 
 
-def step_time(recipe, x, target, hidden, warmup, iters):
+def step_time(recipe, x, target, hidden, warmup, iters, trace_dir=None, top=12):
     model = MLPStack(hidden=hidden, recipe=recipe)
     params = model.init(jax.random.key(0), x)["params"]
     optimizer = optax.adamw(1e-4)
@@ -77,6 +78,16 @@ def step_time(recipe, x, target, hidden, warmup, iters):
                                            x, target)
         jax.block_until_ready(loss)
         samples.append(time.perf_counter() - start)
+    if trace_dir is not None:
+        steps = 3
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for i in range(steps):
+                params, opt_state, loss = compiled(params, opt_state, jax.random.fold_in(key, 10**6 + i),
+                                                   x, target)
+            jax.block_until_ready(loss)
+        for ms, launches, name in top_kernels(next(trace_dir.rglob("perfetto_trace.json.gz")),
+                                              steps, top):
+            print(f"| kernel | {ms:.3f} ms/step | x{launches} | {name[:110]} |")
     return statistics.median(samples), compile_seconds, float(loss)
 
 
@@ -88,6 +99,9 @@ def main():
     parser.add_argument("--recipes", default="flax,bf16,fp8,mxfp8,mxfp4,nvfp4,quartet")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--trace", help="record a perfetto trace per recipe under this folder and "
+                                        "print the device kernels that take the most time")
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per recipe")
     args = parser.parse_args()
     x = jax.random.normal(jax.random.key(3), (args.tokens, args.dim), jnp.bfloat16)
     target = jax.random.normal(jax.random.key(4), (args.tokens, args.dim), jnp.float32)
@@ -95,8 +109,9 @@ def main():
     print(f"{environment()} | T={args.tokens} D={args.dim} F={args.hidden}, 4 blocks, AdamW")
     rows = []
     for name in args.recipes.split(","):
+        trace_dir = pathlib.Path(args.trace) / name if args.trace else None
         rows.append((name, *step_time(None if name == "flax" else name, x, target, args.hidden,
-                                      args.warmup, args.iters)))
+                                      args.warmup, args.iters, trace_dir, args.top)))
         print(f"  {name}: {rows[-1][1] * 1e3:.2f} ms", flush=True)
     base = next((t for name, t, _, _ in rows if name == "bf16"), None)
     print("| recipe | step ms | TFLOP/s (GEMMs) | step / bf16 | compile s | loss after steps |")

@@ -1,5 +1,9 @@
 """Shared timing helpers for the benchmark scripts (median of many runs after warm-up)."""
 
+import collections
+import gzip
+import json
+import pathlib
 import statistics
 import time
 
@@ -39,3 +43,18 @@ def same_bits(tree_a, tree_b) -> bool:
 
     return all(bool(jnp.all(bits(a) == bits(b)))
                for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True))
+
+
+def top_kernels(trace_file: pathlib.Path, steps: int, count: int) -> list[tuple[float, int, str]]:
+    """(ms per step, launches per step, name) of the longest device kernels in a perfetto trace."""
+    events = json.loads(gzip.open(trace_file).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and "/device:" in e["args"]["name"]}
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in devices:
+            totals[e["name"]][0] += e.get("dur", 0.0)
+            totals[e["name"]][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [(us / 1e3 / steps, n // steps, name) for name, (us, n) in ranked]

@@ -5,6 +5,7 @@ with Triton and compare on large and odd shapes.
 """
 
 import functools
+import math
 import os
 import sys
 
@@ -18,6 +19,7 @@ from qjax.pallas import quantize_pallas, quantize_supports
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adversarial import families  # noqa: E402
+from adversarial import grid as adversarial_grid, midpoints as adversarial_midpoints  # noqa: E402
 from test_pallas_fake_quant import adversarial_stack, random_data, with_kernels_off  # noqa: E402
 
 MX = ("mxfp8", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4")  # float-element MX formats
@@ -116,6 +118,36 @@ def test_elements_of_products_below_float32_normal_range_are_signed_zeros():
         assert_same_qarray(interpret(x, fmt, block_rows=4, block_cols=64), qjax.quantize(x, fmt))
 
 
+_ELEMENT_OF = {"mxfp8": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp6_e3m2": "e3m2",
+               "mxfp6_e2m3": "e2m3", "mxfp4": "e2m1"}
+
+
+def every_code_at_edge_exponents(fmt):
+    """One row per block exponent (the bottom, middle and top of the E8M0 range, where the kernel
+    switches between its two encoders), each row every signed grid value and every midpoint of the
+    element times 2**e, with the largest element first in each block so that it sets the scale."""
+    grid = adversarial_grid(_ELEMENT_OF[fmt])
+    values = np.concatenate([grid, adversarial_midpoints(_ELEMENT_OF[fmt])])
+    values = np.concatenate([values, -values])
+    per_block = 31
+    values = np.pad(values, (0, -len(values) % per_block)).reshape(-1, per_block)
+    blocks = np.concatenate([np.full((len(values), 1), grid[-1]), values], axis=1).ravel()
+    exponents = np.r_[-127:-105, -8:8, 110:128]
+    return (blocks[None, :] * 2.0 ** exponents[:, None].astype(np.float64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt", MX)
+def test_every_code_at_edge_block_exponents(fmt, rounding):
+    x = jnp.asarray(every_code_at_edge_exponents(fmt))
+    key = jax.random.key(3) if rounding == "stochastic" else None
+    for scale_mode in ("floor", "rceil"):
+        out = interpret(x, fmt, rounding=rounding, key=key, scale_mode=scale_mode, block_rows=1,
+                        block_cols=32 * 2 ** math.ceil(math.log2(x.shape[1] // 32)))
+        assert_same_qarray(out, qjax.quantize(x, fmt, rounding=rounding, key=key,
+                                              scale_mode=scale_mode))
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs(dtype):
     x = random_data((40, 256), dtype)
@@ -184,6 +216,22 @@ def test_gpu_large_and_adversarial(fmt):
     for scale_mode in (["floor", "rceil"] if fmt in MX else ["floor"]):
         assert_same_qarray(quantize_pallas(x, fmt, scale_mode=scale_mode),
                            reference(x, fmt, scale_mode=scale_mode))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", MX)
+def test_gpu_every_code_at_edge_block_exponents(fmt):
+    x = jnp.asarray(every_code_at_edge_exponents(fmt))
+    key = jax.random.key(3)
+    cols = 32 * 2 ** math.ceil(math.log2(x.shape[1] // 32))
+    for scale_mode in ("floor", "rceil"):
+        assert_same_qarray(quantize_pallas(x, fmt, scale_mode=scale_mode, block_rows=1,
+                                           block_cols=cols),
+                           reference(x, fmt, scale_mode=scale_mode))
+        assert_same_qarray(quantize_pallas(x, fmt, rounding="stochastic", key=key,
+                                           scale_mode=scale_mode, block_rows=1, block_cols=cols),
+                           reference(x, fmt, rounding="stochastic", key=key,
+                                     scale_mode=scale_mode))
 
 
 @pytest.mark.gpu

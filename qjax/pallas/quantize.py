@@ -114,6 +114,30 @@ def _encode(y, element):
     return code
 
 
+def _encode_scaled(out, element, exponent):
+    """Codes of on-grid values ``out = v * 2**exponent`` (float32 bit patterns; ``v`` a value of
+    the float ``element``), for per-block int32 exponents at which every nonzero ``out`` is a
+    normal float32 (:func:`_fast_exponent_range`). The element's exponent field and mantissa are
+    ``out``'s shifted down, less a per-block constant; subnormal elements are the significand
+    shifted by the distance to the smallest subnormal step (zero shifts out entirely)."""
+    m = element.mantissa_bits
+    a = out & _ABS
+    smallest_normal = _u32(element.emin + exponent + 127) << 23  # bits of 2**(emin + exponent)
+    normal = (a >> (23 - m)) - (_u32(127 - element.bias + exponent) << m)
+    shift = _u32(jnp.minimum((150 - m + element.emin) + exponent - _i32(a >> 23), 31))
+    subnormal = ((a & _MANT) | _IMPLICIT) >> shift
+    code = jnp.where(a >= smallest_normal, normal, subnormal)
+    if element.signed:
+        code = code | ((out & _SIGN) >> (31 - element.exponent_bits - m))
+    return code
+
+
+def _fast_exponent_range(element):
+    """Block exponents at which :func:`_encode_scaled` applies: the smallest subnormal element
+    times ``2**exponent`` is a normal float32, and the largest element times it is finite."""
+    return -126 - element.emin + element.mantissa_bits, 127 - element.emax
+
+
 def _float_scale_value(amax_bits, fmt, tensor_reciprocal):
     """The block scale of ``qjax.quantize._scale_from_stat`` for non-power-of-two scales, before
     the tensor scale multiplies it (float32; NaN for blocks holding NaN/Inf)."""
@@ -133,7 +157,7 @@ def _float_scale_value(amax_bits, fmt, tensor_reciprocal):
 
 
 def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
-            blocks):
+            blocks, nan_code):
     refs = list(refs)
     x_ref = refs.pop(0)
     bits_ref = refs.pop(0) if has_bits else None
@@ -147,12 +171,42 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
     if fmt.scaling.scale.power_of_two:
         divisor = FQ._e8m0_exponent(amax, element, scale_mode)
         exponent = jnp.minimum(divisor, 127)
-        y = _scale_down(b, exponent)
-        if rounding == "nearest":
-            elements = FQ._round_nearest(y, element, 0, exact_subnormal=False, specials=False)
+
+        def element_domain(b, exponent, random_bits):
+            y = _scale_down(b, exponent)
+            if rounding == "nearest":
+                return FQ._round_nearest(y, element, 0, exact_subnormal=False, specials=False)
+            return FQ._round_generic(y, element, 0, rounding, random_bits)
+
+        if isinstance(element, F.IntEncoding):
+            elements = element_domain(b, exponent, random_bits)
         else:
-            elements = FQ._round_generic(y, element, 0, rounding, random_bits)
-        elements = jnp.where(divisor > 127, _NAN, elements)
+            # Round as fake_quant does (at the block's scale, no scaling of x) and encode the
+            # result; tiles with a block outside that encoding's exponent range (amax below about
+            # 2**-115 or above 2**125) take the exact element-domain path and encode generally.
+            # NaN/Inf blocks (overwritten below) and zero blocks (all codes ±0 at any exponent)
+            # do not count.
+            def at_block_scale(b, exponent, random_bits):
+                if rounding == "nearest":
+                    out = FQ._round_nearest(b, element, exponent, exact_subnormal=False,
+                                            specials=False)
+                else:
+                    out = FQ._round_generic(b, element, exponent, rounding, random_bits)
+                return _encode_scaled(out, element, exponent)
+
+            def general(b, exponent, random_bits):
+                return _encode(element_domain(b, exponent, random_bits), element)
+
+            ordinary = jnp.where((divisor > 127) | (amax == 0), 0, divisor)
+            low, high = _fast_exponent_range(element)
+            fast = (jnp.min(ordinary) >= low) & (jnp.max(ordinary) <= high)
+            if rounding == "stochastic":
+                # SR of a float32 subnormal x draws on other random bits than SR of the normal
+                # x * 2**-e that qjax.quantize rounds (same distribution, other bits).
+                a = b & _ABS
+                fast = fast & (jnp.max(_u32((a > 0) & (a < _IMPLICIT))) == 0)
+            codes = lax.cond(fast, at_block_scale, general, b, ordinary, random_bits)
+            codes = jnp.where(divisor > 127, np.uint32(nan_code), codes)
         scale_code = _u32(jnp.where(divisor > 127, 255, divisor + 127))
     else:
         if has_tensor_scale:
@@ -176,11 +230,13 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
         else:
             scale_code = _encode(_bits(value), encoding.float_encoding)
     if isinstance(element, F.IntEncoding):
+        if fmt.scaling.scale.power_of_two:
+            elements = jnp.where(divisor > 127, _NAN, elements)
         # On-grid values times 2**fraction_bits are integers: the conversion is exact. NaN
         # elements (NaN/Inf blocks) store 0, as XLA's float-to-int conversion does.
         value = _from_bits(elements) * np.float32(2.0**element.fraction_bits)
         codes = _u32(jnp.where(value == value, value, np.float32(0)).astype(jnp.int32)) & 0xFF
-    else:
+    elif not fmt.scaling.scale.power_of_two:
         codes = _encode(elements, element)
     FQ._store(codes_ref, codes.astype(codes_ref.dtype), mask)
     scale_mask = None if mask is None else FQ._tile_mask(scales_ref.shape, rows, blocks)
@@ -188,6 +244,15 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
 
 
 # --------------------------------------------------------------------------- wrapper
+
+
+def _nan_code(element) -> int:
+    """The byte a NaN/Inf block's elements store: :func:`_encode` of the NaN pattern (for elements
+    without NaN, what XLA's ``qjax.quantize`` stores too)."""
+    if not isinstance(element, F.FloatEncoding):
+        return 0
+    with jax.ensure_compile_time_eval():
+        return int(_encode(jnp.asarray(_NAN, jnp.uint32), element)) & 0xFF
 
 
 def _scale_storage(fmt):
@@ -215,7 +280,7 @@ def _quantize_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num
     kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
                                has_bits=rounding == "stochastic",
                                has_tensor_scale=fmt.scaling.tensor_scale, interpret=interpret,
-                               rows=m, blocks=blocks)
+                               rows=m, blocks=blocks, nan_code=_nan_code(fmt.element))
     codes, scales = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x3.shape, jnp.uint8),
