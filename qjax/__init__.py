@@ -13,6 +13,7 @@ from qjax.quantize import (
     fake_quant,
     pack,
     quantize,
+    stochastic_bits,
     unpack,
 )
 from qjax.transforms import hadamard, inverse_hadamard, random_signs
@@ -50,6 +51,7 @@ __all__ = [
     "random_signs",
     "recipes",
     "stats",
+    "stochastic_bits",
     "transforms",
     "unpack",
     "use_kernels",

@@ -184,7 +184,7 @@ def _quantize_with_scale(x32, fmt: F.Format, axis: int, rounding, key, scale_mod
     grouped_tensor_scale = None if tensor_scale is None else \
         tensor_scale.reshape((1, 1) * x32.ndim)
     divisor, _ = Q._scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale)
-    random_bits = None if rounding == "nearest" else Q._random_bits(key, grouped.shape)
+    random_bits = None if rounding == "nearest" else Q.stochastic_bits(key, grouped.shape)
     nan = np.float32(np.nan)
     if scaling.scale.power_of_two:
         exponent = jnp.minimum(divisor, 127)

@@ -147,19 +147,34 @@ def _sylvester_matrix(n: int, dtype: np.dtype) -> np.ndarray:
     return (_cached_sylvester_matrix if n <= 1024 else _build_sylvester_matrix)(n, np.dtype(dtype))
 
 
-def _dense_path(blocks, signs, inverse: bool):
-    """Transforms axis 2 of ``blocks`` (shape (pre, n_blocks, b, post)) by one GEMM with H_b."""
+def _dense_path(blocks, signs, inverse: bool, narrow: bool = False):
+    """Transforms axis 2 of ``blocks`` (shape (pre, n_blocks, b, post)) by one GEMM with H_b.
+
+    ``narrow``: ``blocks`` are bfloat16/float16 and the result float32: the GEMM multiplies them by
+    the unnormalized ±1 matrix in their own dtype (exact products, float32 accumulation: tensor
+    cores on a GPU) and the ``1/sqrt(b)`` is applied once to the float32 sums."""
     pre, n_blocks, b, post = blocks.shape
     # Row form: out[i] = sum_j matrix[j, i] * block[j]. H is symmetric, so matrix = H without signs;
     # forward H diag(s) gives matrix[j, i] = s_j H[j, i], inverse diag(s) H gives H[j, i] s_i.
-    matrix = jnp.asarray(_sylvester_matrix(b, blocks.dtype))
+    if narrow:
+        matrix = jnp.asarray(_sylvester_signs(b), blocks.dtype)
+        options = dict(preferred_element_type=jnp.float32)
+    else:
+        matrix = jnp.asarray(_sylvester_matrix(b, blocks.dtype))
+        options = dict(precision=lax.Precision.HIGHEST)
     if signs is not None:
         matrix = matrix * (signs[None, :] if inverse else signs[:, None])
     if post == 1:  # the transformed axis is the minor one: a plain (rows, b) @ (b, b) GEMM
-        out = jnp.matmul(blocks.reshape(pre * n_blocks, b), matrix, precision=lax.Precision.HIGHEST)
+        out = jnp.matmul(blocks.reshape(pre * n_blocks, b), matrix, **options)
+    elif narrow:  # XLA:CPU has no batched bf16 x bf16 -> f32 GEMM; the upcast one is the same
+        gemm = lambda m, v: jnp.matmul(m.T, v, **options)  # noqa: E731
+        out = lax.platform_dependent(
+            matrix, blocks.reshape(pre * n_blocks, b, post), cuda=gemm,
+            default=lambda m, v: gemm(m.astype(jnp.float32), v.astype(jnp.float32)))
     else:  # out[r, i, q] = sum_j matrix[j, i] * blocks[r, j, q]
-        out = jnp.matmul(matrix.T, blocks.reshape(pre * n_blocks, b, post),
-                         precision=lax.Precision.HIGHEST)
+        out = jnp.matmul(matrix.T, blocks.reshape(pre * n_blocks, b, post), **options)
+    if narrow:
+        out = out * np.float32(1.0 / math.sqrt(b))
     return out.reshape(blocks.shape)
 
 
@@ -189,7 +204,7 @@ def _butterfly_path(blocks, signs, inverse: bool):
     return y
 
 
-def _transform(x, axis, block_size, signs, inverse: bool, path=None):
+def _transform(x, axis, block_size, signs, inverse: bool, path=None, out_dtype=None):
     """Checks the arguments (shapes only), then runs the jitted transform."""
     x = jnp.asarray(x)
     _compute_dtype(x.dtype)
@@ -202,21 +217,29 @@ def _transform(x, axis, block_size, signs, inverse: bool, path=None):
                              f"got shape {signs.shape}.")
     if path is None:
         path = _dense_path if block_size <= DENSE_MAX_BLOCK_SIZE else _butterfly_path
+    if out_dtype is not None:
+        out_dtype = np.dtype(out_dtype)
+        if not jnp.issubdtype(out_dtype, jnp.floating):
+            raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}.")
     return _jitted_transform(x, signs, axis=axis, block_size=block_size, inverse=inverse,
-                             path=path)
+                             path=path, out_dtype=out_dtype)
 
 
 # Jitted so that eager calls compile once per configuration instead of dispatching every butterfly
 # stage as its own op; inside an outer jit/vmap/grad it is simply inlined.
-@functools.partial(jax.jit, static_argnames=("axis", "block_size", "inverse", "path"))
-def _jitted_transform(x, signs, *, axis: int, block_size: int, inverse: bool, path):
-    compute_dtype = _compute_dtype(x.dtype)
+@functools.partial(jax.jit, static_argnames=("axis", "block_size", "inverse", "path", "out_dtype"))
+def _jitted_transform(x, signs, *, axis: int, block_size: int, inverse: bool, path, out_dtype):
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    narrow = (path is _dense_path and x.dtype in (jnp.bfloat16, jnp.float16)
+              and out_dtype == jnp.float32)
+    compute_dtype = x.dtype if narrow else _compute_dtype(x.dtype)
     if signs is not None:
         signs = signs.astype(compute_dtype)
     pre = math.prod(x.shape[:axis])
     post = math.prod(x.shape[axis + 1:])
     blocks = x.astype(compute_dtype).reshape(pre, x.shape[axis] // block_size, block_size, post)
-    return path(blocks, signs, inverse).reshape(x.shape).astype(x.dtype)
+    out = path(blocks, signs, inverse, narrow=True) if narrow else path(blocks, signs, inverse)
+    return out.reshape(x.shape).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------- public API
@@ -275,7 +298,8 @@ def random_signs(key: Key[Array, ""], block_size: int,
 
 
 def hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int | None = None,
-             signs: Float[Array, "block_size"] | None = None) -> Float[Array, "..."]:
+             signs: Float[Array, "block_size"] | None = None,
+             out_dtype=None) -> Float[Array, "..."]:
     """Orthonormal (randomized) Hadamard transform of consecutive blocks along ``axis``.
 
     Splits ``axis`` into blocks of ``block_size`` consecutive elements and maps each block ``v``
@@ -293,14 +317,18 @@ def hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int | None =
       signs: an optional ``(block_size,)`` vector of ±1 (:func:`random_signs`), applied to each
         block before ``H_b`` (the randomized Hadamard transform). Values are not checked; anything
         other than ±1 makes the transform non-orthogonal.
+      out_dtype: the result's dtype (default: ``x``'s). A bfloat16/float16 ``x`` with float32
+        ``out_dtype`` and ``block_size <= DENSE_MAX_BLOCK_SIZE`` is multiplied in its own dtype by
+        the ±1 matrix, with float32 accumulation (exact products; tensor cores on a GPU), and the
+        sums are scaled by ``1/sqrt(block_size)``: what a quantized GEMM's backward operands use.
 
     Returns:
-      The transformed array, with the shape and dtype of ``x``.
+      The transformed array, with the shape of ``x`` and dtype ``out_dtype``.
 
     Raises:
       ValueError: ``block_size`` is not a power of two >= 2, the axis length is not a multiple
         of it, ``signs`` has the wrong shape, or ``axis`` is out of range.
-      TypeError: ``x`` is not a floating-point array.
+      TypeError: ``x`` is not a floating-point array, or ``out_dtype`` not a float dtype.
 
     Example:
       >>> hadamard(jnp.array([1.0, 0.0, 0.0, 0.0]))
@@ -314,7 +342,7 @@ def hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int | None =
       >>> np.allclose(xr @ wr, x @ w, atol=1e-4)
       True
     """
-    return _transform(x, axis, block_size, signs, inverse=False)
+    return _transform(x, axis, block_size, signs, inverse=False, out_dtype=out_dtype)
 
 
 def inverse_hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int | None = None,

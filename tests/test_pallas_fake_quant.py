@@ -15,6 +15,7 @@ import pytest
 
 import qjax
 from qjax.pallas import fake_quant_pallas, supports
+from qjax.quantize import prescaled_fake_quant, round_to_element
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adversarial import families  # noqa: E402
@@ -144,6 +145,10 @@ def test_non_last_axis_stochastic_and_nvfp4():
     out = interpret(x, "mxfp4", axis=0, rounding="stochastic", key=key, block_rows=16,
                     block_cols=32)
     assert_bit_identical(out, qjax.fake_quant(x, "mxfp4", axis=0, rounding="stochastic", key=key))
+    y = random_data((3, 96, 20), jnp.float32, seed=8)  # a middle axis: outer, blocks and inner
+    out = interpret(y, "mxfp8", axis=1, rounding="stochastic", key=key, block_rows=8,
+                    block_cols=64)
+    assert_bit_identical(out, qjax.fake_quant(y, "mxfp8", axis=1, rounding="stochastic", key=key))
     fams = families(np.random.default_rng(2))
     z = np.concatenate([fams[n][:, :64] for n in ("nvfp4_ties", "outliers", "mixed_signs")]).T
     z = jnp.asarray(z.copy())  # (64, rows): NVFP4 blocks of 16 along axis 0
@@ -261,10 +266,65 @@ def test_gpu_block_shapes(block_rows, block_cols, num_warps):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", GPU_FORMATS)
 def test_gpu_non_last_axis(fmt):
-    # The wgrad operands' layout (blocks down the columns); not dispatched by qjax.fake_quant
-    # until this passes on a GPU.
+    # The wgrad operands' layout (blocks down the columns), with the default tile of that layout.
     x = random_data((4096, 1000), jnp.bfloat16, seed=13)
     assert_bit_identical(fake_quant_pallas(x, fmt, axis=0), reference(x, fmt, axis=0))
     key = jax.random.key(4)
     assert_bit_identical(fake_quant_pallas(x, fmt, axis=0, rounding="stochastic", key=key),
                          xla_fake_quant(x, fmt, axis=0, rounding="stochastic", key=key))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gpu_fake_quant_dispatches_along_any_axis(axis):
+    x = random_data((64, 64, 96), jnp.bfloat16, seed=17)
+    fn = jax.jit(lambda x: qjax.fake_quant(x, "mxfp8", axis=axis))
+    assert "triton" in fn.lower(x).as_text().lower()
+    assert_bit_identical(fn(x), reference(x, "mxfp8", axis=axis))
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_prescaled_bit_identical(axis, rounding):
+    # Tseng et al.'s quantizer (the mxfp4 recipe's backward operands): scales from x, elements
+    # from 0.75 x; on the adversarial stack (NaN/Inf blocks, subnormals, ties) and both layouts.
+    x = jnp.asarray(adversarial_stack()[:448])
+    x = x if axis == -1 else x.T.copy()
+    key = jax.random.key(5) if rounding == "stochastic" else None
+    out = interpret(x, "mxfp4", axis=axis, rounding=rounding, key=key, prescale=0.75,
+                    block_rows=16, block_cols=64)
+    assert_bit_identical(out, prescaled_fake_quant(x, "mxfp4", 0.75, axis=axis,
+                                                   rounding=rounding, key=key))
+
+
+def test_prescaled_fake_quant_is_tsengs_quantizer():
+    x = random_data((64, 256), jnp.float32, seed=21)
+    key = jax.random.key(2)
+    for rounding in ("nearest", "stochastic"):
+        scale = qjax.estimators.element_scale(x, "mxfp4")
+        bits = None if rounding == "nearest" else qjax.stochastic_bits(key, x.shape)
+        expected = round_to_element(x * 0.75 / scale, qjax.formats.get("mxfp4").element,
+                                    rounding=rounding, random_bits=bits) * scale
+        got = prescaled_fake_quant(x, "mxfp4", 0.75, rounding=rounding, key=key)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    with pytest.raises(ValueError, match="E8M0 block scales"):
+        prescaled_fake_quant(x, "nvfp4", 0.75)
+    with pytest.raises(ValueError, match="positive"):
+        prescaled_fake_quant(x, "mxfp4", 0.0)
+    with pytest.raises(ValueError, match="E8M0-scaled"):
+        fake_quant_pallas(x, "int4", prescale=0.75, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_gpu_prescaled(axis):
+    x = random_data((2048, 4096), jnp.float32, seed=23)
+    key = jax.random.key(6)
+    for rounding in ("nearest", "stochastic"):
+        with qjax.use_kernels(False):
+            expected = jax.jit(lambda x: prescaled_fake_quant(x, "mxfp4", 0.75, axis=axis,
+                                                              rounding=rounding, key=key))(x)
+        fn = jax.jit(lambda x: prescaled_fake_quant(x, "mxfp4", 0.75, axis=axis,
+                                                    rounding=rounding, key=key))
+        assert "triton" in fn.lower(x).as_text().lower()
+        assert_bit_identical(fn(x), expected)

@@ -457,3 +457,39 @@ def test_reciprocal_is_correctly_rounded():
     with np.errstate(all="ignore"):
         expected = np.float32(1) / d
     assert_bitwise_equal(jax.jit(_reciprocal)(jnp.asarray(d)), expected)
+
+
+# --------------------------------------------------------------------------- stochastic_bits
+
+
+def test_stochastic_bits_are_uniform_keyed_and_depend_on_the_flat_index_only():
+    key = jax.random.key(0)
+    bits = qjax.stochastic_bits(key, (256, 1024))
+    assert bits.dtype == jnp.uint32 and bits.shape == (256, 1024)
+    np.testing.assert_array_equal(np.asarray(bits).ravel(),
+                                  np.asarray(qjax.stochastic_bits(key, (4, 64, 32, 32))).ravel())
+    flat = np.asarray(bits, np.uint64).ravel()
+    # Each of the 32 bit positions is set in half of the 262144 words (5 sigma: 0.005).
+    ones = ((flat[:, None] >> np.arange(32, dtype=np.uint64)) & 1).mean(axis=0)
+    assert np.all(np.abs(ones - 0.5) < 0.005), ones
+    # Top byte: chi-square over 256 cells (255 degrees of freedom; 99.99th percentile ~ 360).
+    counts = np.bincount((flat >> 24).astype(np.int64), minlength=256)
+    expected = flat.size / 256
+    assert ((counts - expected) ** 2 / expected).sum() < 360
+    # Neighbouring elements and other keys are uncorrelated.
+    u = flat.astype(np.float64) / 2**32 - 0.5
+    assert abs(np.mean(u[1:] * u[:-1])) / np.var(u) < 0.01
+    other = np.asarray(qjax.stochastic_bits(jax.random.key(1), (256, 1024)), np.float64).ravel()
+    assert abs(np.corrcoef(u, other)[0, 1]) < 0.01
+    legacy = qjax.stochastic_bits(jax.random.PRNGKey(0), (8,))  # raw uint32 keys work too
+    np.testing.assert_array_equal(np.asarray(legacy), np.asarray(bits).ravel()[:8])
+
+
+def test_stochastic_bits_under_vmap_and_limits():
+    keys = jax.random.split(jax.random.key(3), 4)
+    batched = jax.jit(jax.vmap(lambda k: qjax.stochastic_bits(k, (5, 7))))(keys)
+    for i in range(4):
+        np.testing.assert_array_equal(np.asarray(batched[i]),
+                                      np.asarray(qjax.stochastic_bits(keys[i], (5, 7))))
+    with pytest.raises(ValueError, match="at most 2\\*\\*32 - 1"):
+        qjax.stochastic_bits(jax.random.key(0), (2**16, 2**16))

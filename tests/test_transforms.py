@@ -483,3 +483,30 @@ def test_docstring_examples():
     result = doctest.testmod(transforms, extraglobs={"jax": jax, "jnp": jnp, "np": np},
                              optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 8 and result.failed == 0
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("axis", [0, -1])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_input_with_float32_output(block_size, axis, dtype):
+    # bf16/f16 x, float32 out: a GEMM in x's dtype with the ±1 matrix, scaled once afterwards;
+    # the same transform as on the upcast x up to float32 rounding of the sums.
+    rng = np.random.default_rng(block_size)
+    x = jnp.asarray(rng.standard_normal((128, 192)) * 2.0 ** rng.integers(-6, 6, (128, 1)), dtype)
+    signs = random_signs(jax.random.key(block_size), block_size)
+    out = jax.jit(lambda x, s: hadamard(x, axis=axis, block_size=block_size, signs=s,
+                                        out_dtype=jnp.float32))(x, signs)
+    assert out.dtype == jnp.float32 and out.shape == x.shape
+    expected = hadamard(np.asarray(x, np.float64), axis=axis, block_size=block_size,
+                        signs=np.asarray(signs, np.float64))
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-6, atol=1e-6 * np.abs(expected).max())
+    # Small integers: every sum is exact, and 1/sqrt(16), 1/sqrt(64) are powers of two.
+    ints = jnp.asarray(rng.integers(-8, 9, (64, 128)), dtype)
+    if block_size != 32:
+        np.testing.assert_array_equal(
+            np.asarray(hadamard(ints, axis=axis, block_size=block_size, signs=signs,
+                                out_dtype=jnp.float32)),
+            np.asarray(hadamard(ints.astype(jnp.float32), axis=axis, block_size=block_size,
+                                signs=signs)))
+    with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
+        hadamard(x, block_size=block_size, out_dtype=jnp.int32)

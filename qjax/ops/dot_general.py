@@ -42,7 +42,8 @@ from jaxtyping import Array, Float, Key
 
 from qjax import estimators as E
 from qjax import formats as F
-from qjax.quantize import _split_outer_scale, fake_quant, round_to_element
+from qjax.quantize import (_split_outer_scale, fake_quant, prescaled_fake_quant,
+                           round_to_element, stochastic_bits)
 from qjax import recipes as R
 from qjax import transforms as T
 
@@ -70,10 +71,15 @@ def gemm_keys(key: Key[Array, ""]) -> dict[str, Key[Array, ""]]:
 def _prescaled_fake_quant(x, fmt: F.Format, axis, prescale, rounding, key, scale_mode):
     """Tseng et al.'s pre-scaled quantizer: scales from ``x``, elements ``round(prescale * x /
     scale)``, value ``elements * scale / prescale``. Returns ``(elements * scale, 1 / prescale)``
-    (float32 array, numpy float32): the value is their product."""
+    (float32 array, numpy float32): the value is their product. E8M0 formats go through
+    ``qjax.quantize.prescaled_fake_quant`` (the fused kernel on a GPU)."""
+    if fmt.scaling is not None and fmt.scaling.scale.power_of_two:
+        values = prescaled_fake_quant(x, fmt, prescale, axis=axis, rounding=rounding, key=key,
+                                      scale_mode=scale_mode)
+        return values, np.float32(1 / prescale)
     scale = E.element_scale(x, fmt, axis=axis, scale_mode=scale_mode)
     y = x * np.float32(prescale) / scale
-    bits = None if rounding == "nearest" else jax.random.bits(key, x.shape, jnp.uint32)
+    bits = None if rounding == "nearest" else stochastic_bits(key, x.shape)
     elements = round_to_element(y, fmt.element, rounding=rounding, random_bits=bits)
     return elements * scale, np.float32(1 / prescale)
 
@@ -157,6 +163,16 @@ def _rotate(x, gemm: R.GemmSpec, axis, signs, inverse=False):
     return fn(x, axis=axis, block_size=gemm.hadamard_block_size, signs=signs)
 
 
+def _rotate_upcast(v, gemm: R.GemmSpec, axis, signs, dtype):
+    """``_rotate(v.astype(dtype), ...)`` for a backward operand; a bfloat16/float16 ``v`` is
+    rotated by a GEMM in its own dtype accumulating in ``dtype`` (see ``hadamard``'s
+    ``out_dtype``), rather than as a float32 GEMM of its upcast."""
+    if gemm.transform is None or v.dtype not in (jnp.bfloat16, jnp.float16) or dtype != jnp.float32:
+        return _rotate(v.astype(dtype), gemm, axis, signs)
+    return T.hadamard(v, axis=axis, block_size=gemm.hadamard_block_size, signs=signs,
+                      out_dtype=dtype)
+
+
 def _output_scale(outer, axis, free_axis):
     """An operand's outer scale (size 1 along its contraction ``axis``) laid out along the
     output's ``free_axis``."""
@@ -184,7 +200,7 @@ def _operand(gemm: R.GemmSpec, side: str, v, axis, signs, key, dtype):
     spec = getattr(gemm, side)
     if not spec.quantizes and gemm.transform is None:
         return v, None
-    v = _rotate(v.astype(dtype), gemm, axis, signs)
+    v = _rotate_upcast(v, gemm, axis, signs, dtype)
     return _gemm_operand(v, spec, axis=axis, key=key) if spec.quantizes else (v, None)
 
 

@@ -31,8 +31,9 @@ exact branch (``lax.cond`` on the tile, uniform across the program, so it costs 
 elsewhere). For elements with ``emin >= 0`` (e2m1, e2m3, integers) that branch cannot occur.
 
 Stochastic rounding consumes the same random bits as ``qjax.fake_quant``
-(``jax.random.bits(key, grouped_shape, uint32)``); they are generated outside the kernel by XLA and
-passed in, which costs one extra read of 4 bytes per element (and XLA's generation pass).
+(``qjax.stochastic_bits``, a counter-based hash of the element's flat index and the key), computed
+in registers from the indices of the tile and two words derived from the key: no random array is
+generated or read.
 
 Formats: every format whose scaling is ``Block(size)`` with the ``absmax`` statistic along the last
 axis: E8M0 scales (mxfp8, mxfp8_e5m2, mxfp6_*, mxfp4, mxint8, ``formats.float_format``), float
@@ -54,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from qjax import formats as F
+from qjax.quantize import counter_bits, stream_words
 
 __all__ = ["fake_quant_pallas", "supports"]
 
@@ -67,6 +69,9 @@ _IMPLICIT = np.uint32(0x800000)
 DEFAULT_BLOCK_ROWS = 8
 DEFAULT_BLOCK_COLS = 512
 DEFAULT_NUM_WARPS = 4
+# A non-last axis: 256 consecutive columns, one block down them (mxfp4 and mxfp8 on an 8192^2 bf16
+# array, H200: 1.5x of `x * 2`; 8 x 512, the last axis' tile, is 3.2x there).
+DEFAULT_COLUMN_BLOCK_ROWS = 256
 
 
 # --------------------------------------------------------------------------- bit helpers (kernel-safe)
@@ -400,8 +405,30 @@ def _column_tile_mask(shape, blocks, inner):
     return jnp.broadcast_to(mask, shape)
 
 
+def tile_random_bits(shape, words_ref, length, inner=None):
+    """``qjax.stochastic_bits`` of this program's tile, computed in registers from the flat
+    indices of its elements and the key's two stream words: tiles ``(block_rows, blocks, B)`` of
+    ``(rows, length // B, B)`` (``inner is None``), or ``(blocks, B, block_inner)`` of ``(outer,
+    length // B, B, inner)``."""
+    if inner is None:
+        block_rows, blocks_per_tile, size = shape
+        row = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+        col = (pl.program_id(1) * blocks_per_tile + jnp.arange(blocks_per_tile, dtype=jnp.int32))
+        index = (_u32(row)[:, None, None] * np.uint32(length)
+                 + _u32(col)[None, :, None] * np.uint32(size)
+                 + _u32(jnp.arange(size, dtype=jnp.int32))[None, None, :])
+    else:
+        blocks_per_tile, size, block_inner = shape
+        col = pl.program_id(1) * blocks_per_tile + jnp.arange(blocks_per_tile, dtype=jnp.int32)
+        along = (_u32(pl.program_id(0)) * np.uint32(length) + _u32(col)[:, None] * np.uint32(size)
+                 + _u32(jnp.arange(size, dtype=jnp.int32))[None, :])
+        lane = pl.program_id(2) * block_inner + jnp.arange(block_inner, dtype=jnp.int32)
+        index = along[:, :, None] * np.uint32(inner) + _u32(lane)[None, None, :]
+    return counter_bits(index, (words_ref[0], words_ref[1]))
+
+
 def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
-            blocks, inner):
+            blocks, inner, length, prescale):
     """One tile: ``(block_rows, blocks_per_tile, B)`` with the blocks along the last axis
     (``inner is None``), or ``(blocks_per_tile, B, block_inner)`` with the blocks along the middle
     axis (a non-last quantized axis, ``inner`` elements after it)."""
@@ -416,10 +443,12 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
         mask, block_axis = _column_tile_mask(x_ref.shape, blocks, inner), 1
     b = _bits(_load(x_ref, mask).astype(jnp.float32))
     amax = jnp.max(b & _ABS, axis=block_axis, keepdims=True)  # max of bits: NaN-propagating
-    random_bits = _load(bits_ref, mask) if has_bits else None
+    random_bits = tile_random_bits(x_ref.shape, bits_ref, length, inner) if has_bits else None
     if fmt.scaling.scale.power_of_two:
         divisor = _e8m0_exponent(amax, element, scale_mode)
         exponent = jnp.minimum(divisor, 127)
+        if prescale != 1:  # scales from x, elements from prescale * x
+            b = _bits(_from_bits(b) * np.float32(prescale))
         if rounding != "nearest":
             out = _round_generic(b, element, exponent, rounding, random_bits)
         elif isinstance(element, F.IntEncoding) or element.emin >= 0:
@@ -480,19 +509,19 @@ def _tensor_amax_scale(x, fmt):
     return jnp.stack([scale, _reciprocal(scale)])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11))
 def _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps, num_stages,
-                interpret, axis):
+                interpret, axis, prescale):
     return _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                           num_stages, interpret, axis)
+                           num_stages, interpret, axis, prescale)
 
 
 @_fake_quant.defjvp
 def _fake_quant_jvp(fmt, rounding, scale_mode, block_rows, block_cols, num_warps, num_stages,
-                    interpret, axis, primals, tangents):
+                    interpret, axis, prescale, primals, tangents):
     x, key = primals
     out = _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                      num_stages, interpret, axis)
+                      num_stages, interpret, axis, prescale)
     return out, tangents[0]  # straight-through, as qjax.fake_quant
 
 
@@ -523,27 +552,25 @@ def tiled_operands(x, fmt, rounding, key, block_rows, block_cols, axis=-1):
         tile = pl.BlockSpec((None, blocks_per_tile, size, block_rows),
                             lambda o, j, i: (o, j, 0, i))
     operands, in_specs = [view], [tile]
-    if rounding == "stochastic":
-        grouped = []  # the grouped view the XLA quantizers draw their random bits for
-        for i, n in enumerate(shape):
-            grouped += [k // size, size] if i == axis else [n, 1]
-        operands.append(jax.random.bits(key, tuple(grouped), jnp.uint32).reshape(view.shape))
-        in_specs.append(tile)
+    if rounding == "stochastic":  # the kernel computes qjax.stochastic_bits from these two words
+        operands.append(stream_words(key))
+        in_specs.append(pl.BlockSpec((2,), lambda *ids: (0,)))
     if fmt.scaling.tensor_scale:
         operands.append(_tensor_amax_scale(x, fmt))
         in_specs.append(pl.BlockSpec((2,), lambda *ids: (0,)))
     return grid, tile, operands, in_specs, m, inner
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10))
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11))
 def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                    num_stages, interpret, axis):
+                    num_stages, interpret, axis, prescale):
     grid, tile, operands, in_specs, m, inner = tiled_operands(x, fmt, rounding, key, block_rows,
                                                               block_cols, axis)
     kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
                                has_bits=rounding == "stochastic",
                                has_tensor_scale=fmt.scaling.tensor_scale, interpret=interpret,
-                               rows=m, blocks=operands[0].shape[1], inner=inner)
+                               rows=m, blocks=operands[0].shape[1], inner=inner,
+                               length=x.shape[axis], prescale=prescale)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(operands[0].shape, x.dtype),
@@ -592,9 +619,10 @@ def check_arguments(x, fmt: F.Format, rounding, key, scale_mode, block_rows, blo
 
 
 def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=None,
-                      scale_mode: str = "floor", block_rows: int = DEFAULT_BLOCK_ROWS,
-                      block_cols: int = DEFAULT_BLOCK_COLS, num_warps: int = DEFAULT_NUM_WARPS,
-                      num_stages: int | None = None, interpret: bool = False, axis: int = -1):
+                      scale_mode: str = "floor", block_rows: int | None = None,
+                      block_cols: int | None = None, num_warps: int = DEFAULT_NUM_WARPS,
+                      num_stages: int | None = None, interpret: bool = False, axis: int = -1,
+                      prescale: float = 1.0):
     """``qjax.fake_quant(x, fmt, axis=axis, ...)`` as one fused Pallas kernel, bit for bit.
 
     Args:
@@ -608,13 +636,17 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
       key: PRNG key for stochastic rounding.
       scale_mode: ``"floor"`` or ``"rceil"`` (E8M0 scales only).
       block_rows: rows per program (a power of two): for a non-last ``axis``, consecutive columns
-        of the axes after it (the blocks of one program run down that many columns).
+        of the axes after it (the blocks of one program run down that many columns). Default:
+        ``DEFAULT_BLOCK_ROWS`` (last axis), ``DEFAULT_COLUMN_BLOCK_ROWS`` (any other).
       block_cols: elements of the quantized axis per program: a multiple of the block size whose
-        quotient by it is a power of two. Both are capped to the array (rounded up to a power of
-        two); partial edge tiles are masked.
+        quotient by it is a power of two (default ``DEFAULT_BLOCK_COLS`` for the last axis, one
+        block for any other). Both are capped to the array (rounded up to a power of two);
+        partial edge tiles are masked.
       num_warps, num_stages: Triton launch parameters (None: Pallas' defaults).
       interpret: run the kernel in the Pallas interpreter (any backend; for tests on CPU).
       axis: the quantized axis (the blocks run along it), as in ``qjax.fake_quant``.
+      prescale: E8M0 formats only: ``qjax.quantize.prescaled_fake_quant`` (scales from ``x``,
+        elements from ``prescale * x``); 1 is ``qjax.fake_quant``.
 
     Returns:
       An array of ``x``'s shape and dtype. The derivative is the straight-through estimator.
@@ -625,6 +657,13 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
         raise ValueError(f"fake_quant_pallas handles formats with 1-D Block scaling and the absmax "
                          f"statistic (mxfp*, mxint8, int4, nvfp4); {fmt.name!r} has none. Use "
                          f"qjax.fake_quant.")
+    if prescale != 1 and not fmt.scaling.scale.power_of_two:
+        raise ValueError(f"prescale applies to E8M0-scaled formats; {fmt.name!r} is not one.")
+    last = x.ndim == 0 or axis in (-1, x.ndim - 1)
+    if block_rows is None:
+        block_rows = DEFAULT_BLOCK_ROWS if last else DEFAULT_COLUMN_BLOCK_ROWS
+    if block_cols is None:
+        block_cols = DEFAULT_BLOCK_COLS if last else fmt.block_size
     check_arguments(x, fmt, rounding, key, scale_mode, block_rows, block_cols,
                     caller="fake_quant_pallas", fallback="qjax.fake_quant", axis=axis)
     if x.size == 0:
@@ -637,4 +676,4 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
     if rounding == "nearest":
         key = None
     return _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                       num_stages, interpret, axis)
+                       num_stages, interpret, axis, float(prescale))
