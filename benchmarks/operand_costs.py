@@ -47,9 +47,9 @@ def main():
     for block in (16, 32, 64):
         signs = T.random_signs(key, block)
         for axis in (-1, 0):
-            add(f"hadamard block {block}", "float32 out", axis,
+            add(f"hadamard block {block}", "bf16 in, float32 out", axis,
                 lambda x, s, axis=axis, block=block: T.hadamard(
-                    x.astype(jnp.float32), axis=axis, block_size=block, signs=s), x, signs)
+                    x, axis=axis, block_size=block, signs=s, out_dtype=jnp.float32), x, signs)
     for name in args.recipes.split(","):
         recipe = R.get(name)
         for gemm_name, gemm in recipe.gemms.items():

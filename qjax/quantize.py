@@ -786,10 +786,11 @@ def _fake_quant(x, fmt, axis, rounding, key, scale_mode, kernels):
     return _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5, 6, 7))
-def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels, prescale=1.0):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 5, 6, 7, 8))
+def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels, prescale=1.0,
+                    out_dtype=None):
     if not (kernels and _fused_kernel_applies(x, fmt, axis, any_axis=True)):
-        return _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode, prescale)
+        return _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode, prescale, out_dtype)
     from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
 
     # Chosen when lowering for the platform the data is on: a GPU machine may still run this on
@@ -798,31 +799,35 @@ def _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels, prescale=1
         x, key,
         cuda=lambda x, key: kernel.fake_quant_pallas(x, fmt, rounding=rounding, key=key,
                                                      scale_mode=scale_mode, axis=axis,
-                                                     prescale=prescale),
-        default=lambda x, key: _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode, prescale))
+                                                     prescale=prescale, out_dtype=out_dtype),
+        default=lambda x, key: _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode, prescale,
+                                               out_dtype))
 
 
-def _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode, prescale=1.0):
+def _fake_quant_xla(x, fmt, axis, rounding, key, scale_mode, prescale=1.0, out_dtype=None):
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if fmt.scaling is None:
-        return _cast_format(x, fmt, rounding, key).astype(x.dtype)
+        return _cast_format(x, fmt, rounding, key).astype(out_dtype)
     _, dequantized, _, _, _, padded = _quantize_core(x, fmt, axis, rounding, key, scale_mode,
                                                      prescale)
-    return _crop(dequantized, padded, x.shape).astype(x.dtype)
+    return _crop(dequantized, padded, x.shape).astype(out_dtype)
 
 
 def prescaled_fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, prescale: float, *,
                          axis: int = -1, rounding: Rounding = "nearest",
-                         key: Key[Array, ""] | None = None,
-                         scale_mode: ScaleMode = "floor") -> Float[Array, "..."]:
+                         key: Key[Array, ""] | None = None, scale_mode: ScaleMode = "floor",
+                         out_dtype=None) -> Float[Array, "..."]:
     """Tseng et al.'s pre-scaled quantizer for E8M0-scaled formats: block scales from ``x``,
     elements those of ``prescale * x`` at those scales; returns ``elements * scale`` (divide by
     ``prescale`` for the estimate of ``x``). With ``prescale = 3/4`` no MXFP4 element clips, so
     stochastic rounding stays unbiased. The fused kernel runs it where it runs ``fake_quant``.
 
-    Args: as :func:`quantize`, plus ``prescale``, a positive float.
+    Args: as :func:`quantize`, plus ``prescale``, a positive float, and ``out_dtype``, the
+      result's dtype (default ``x``'s; bfloat16 holds every MX value exactly), which the kernel
+      writes directly.
 
     Returns:
-      An array of ``x``'s shape and dtype.
+      An array of ``x``'s shape.
 
     Example:
       >>> prescaled_fake_quant(jnp.array([1.0, 2.0, 4.0, 6.0] + [0.0] * 28), "mxfp4", 0.75)[:4]
@@ -834,8 +839,9 @@ def prescaled_fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, prescale: fl
                          f"{fmt.name!r} has none.")
     if not prescale > 0:
         raise ValueError(f"prescale must be a positive float, got {prescale}.")
+    out_dtype = None if out_dtype is None else np.dtype(out_dtype)
     return _fake_quant_jit(x, fmt, axis, rounding, key, scale_mode, kernels_enabled(),
-                           float(prescale))
+                           float(prescale), out_dtype)
 
 
 def _fused_kernel_applies(x, fmt, axis, any_axis: bool = False) -> bool:

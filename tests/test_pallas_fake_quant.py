@@ -83,6 +83,15 @@ def test_stochastic_bit_identical(fmt, scale_mode):
     assert_bit_identical(out, expected)
 
 
+@pytest.mark.parametrize("fmt", MX)
+def test_stochastic_adversarial_bit_identical(fmt):
+    # The whole stack: its subnormal and tiny families take the exact branch of the SR rounding.
+    x = jnp.asarray(adversarial_stack())
+    key = jax.random.key(11)
+    out = interpret(x, fmt, rounding="stochastic", key=key, block_rows=16, block_cols=64)
+    assert_bit_identical(out, qjax.fake_quant(x, fmt, rounding="stochastic", key=key))
+
+
 def test_int4_bf16_scales_bit_identical():
     x = jnp.asarray(adversarial_stack())
     assert_bit_identical(interpret(x, "int4", block_rows=32, block_cols=64),
@@ -295,6 +304,10 @@ def test_prescaled_bit_identical(axis, rounding):
                     block_rows=16, block_cols=64)
     assert_bit_identical(out, prescaled_fake_quant(x, "mxfp4", 0.75, axis=axis,
                                                    rounding=rounding, key=key))
+    narrow = interpret(x, "mxfp4", axis=axis, rounding=rounding, key=key, prescale=0.75,
+                       block_rows=16, block_cols=64, out_dtype=jnp.bfloat16)
+    assert narrow.dtype == jnp.bfloat16  # MX values are bfloat16 numbers: the same values
+    assert_bit_identical(narrow, out.astype(jnp.bfloat16))
 
 
 def test_prescaled_fake_quant_is_tsengs_quantizer():
@@ -328,3 +341,7 @@ def test_gpu_prescaled(axis):
                                                     rounding=rounding, key=key))
         assert "triton" in fn.lower(x).as_text().lower()
         assert_bit_identical(fn(x), expected)
+        narrow = jax.jit(lambda x: prescaled_fake_quant(x, "mxfp4", 0.75, axis=axis,
+                                                        rounding=rounding, key=key,
+                                                        out_dtype=jnp.bfloat16))(x)
+        assert_bit_identical(narrow, expected.astype(jnp.bfloat16))

@@ -74,8 +74,9 @@ def _prescaled_fake_quant(x, fmt: F.Format, axis, prescale, rounding, key, scale
     (float32 array, numpy float32): the value is their product. E8M0 formats go through
     ``qjax.quantize.prescaled_fake_quant`` (the fused kernel on a GPU)."""
     if fmt.scaling is not None and fmt.scaling.scale.power_of_two:
+        out_dtype = jnp.bfloat16 if fmt.bf16_gemm == "dequantized" else jnp.float32
         values = prescaled_fake_quant(x, fmt, prescale, axis=axis, rounding=rounding, key=key,
-                                      scale_mode=scale_mode)
+                                      scale_mode=scale_mode, out_dtype=out_dtype)
         return values, np.float32(1 / prescale)
     scale = E.element_scale(x, fmt, axis=axis, scale_mode=scale_mode)
     y = x * np.float32(prescale) / scale
@@ -200,6 +201,11 @@ def _operand(gemm: R.GemmSpec, side: str, v, axis, signs, key, dtype):
     spec = getattr(gemm, side)
     if not spec.quantizes and gemm.transform is None:
         return v, None
+    if (spec.quantizes and gemm.transform is None and v.dtype in (jnp.bfloat16, jnp.float16)
+            and dtype == jnp.float32 and spec.fmt.bf16_gemm in ("dequantized", "outer_scale")):
+        # The quantizers compute in float32 and these values are bfloat16 numbers anyway: the
+        # upcast would only be written to memory and read back.
+        return _gemm_operand(v, spec, axis=axis, key=key)
     v = _rotate_upcast(v, gemm, axis, signs, dtype)
     return _gemm_operand(v, spec, axis=axis, key=key) if spec.quantizes else (v, None)
 

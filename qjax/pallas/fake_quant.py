@@ -306,6 +306,35 @@ def _round_nearest(b, element, scale_exponent, *, exact_subnormal, specials):
     return out
 
 
+def _round_stochastic(b, element, scale_exponent, random_bits, *, exact_subnormal):
+    """Stochastic rounding of bit patterns ``b`` to ``element * 2**scale_exponent`` (saturating)
+    for a float ``element`` and per-block int32 exponents, bit-identical to :func:`_round_generic`
+    with ``rounding="stochastic"`` on finite inputs, with the rounding shift of
+    :func:`_round_nearest` (NaN/Inf inputs are left to the caller: their blocks are NaN).
+    ``exact_subnormal`` as for :func:`_round_nearest`."""
+    a = b & _ABS
+    e = _i32(a >> 23)
+    m = element.mantissa_bits
+    lowest = element.emin + scale_exponent
+    e_eff = e
+    if exact_subnormal:
+        e_eff = jnp.where(e > 0, e, _i32(_bits(a.astype(jnp.float32)) >> 23) - 149)
+    shift = jnp.maximum(e_eff, lowest + 127) - jnp.maximum(e, 1) + (23 - m)
+    mask = (np.uint32(1) << _u32(_clip(shift, 1, 23))) - 1
+    cleared = (a + (random_bits & mask)) & ~mask
+    significand = jnp.where(e > 0, (a & _MANT) | _IMPLICIT, a)
+    wide = (np.uint32(1) << _u32(_clip(shift, 1, 31))) - 1
+    up = (random_bits & wide) < (significand >> _u32(_clip(shift - 31, 0, 31)))
+    # shift > 23 only where floor(log2 |x|) < lowest (floor(log2 |x|) + 127 <= max(e, 1) + m):
+    # the step there is 2**(lowest - m), a per-block constant.
+    below = jnp.where(up, _power_of_two_bits(lowest - m), np.uint32(0))
+    out = jnp.where(shift <= 23, cleared, below)
+    if exact_subnormal:
+        out = jnp.where(shift <= 0, a, out)
+    out = jnp.minimum(out, _limit_bits(element, scale_exponent))
+    return out | (b & _SIGN)
+
+
 # --------------------------------------------------------------------------- scales
 
 
@@ -449,19 +478,22 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
         exponent = jnp.minimum(divisor, 127)
         if prescale != 1:  # scales from x, elements from prescale * x
             b = _bits(_from_bits(b) * np.float32(prescale))
-        if rounding != "nearest":
+        if rounding == "nearest":
+            def fast(b, e, exact):
+                return _round_nearest(b, element, e, exact_subnormal=exact, specials=False)
+        else:
+            def fast(b, e, exact):
+                return _round_stochastic(b, element, e, random_bits, exact_subnormal=exact)
+        if rounding != "nearest" and isinstance(element, F.IntEncoding):
             out = _round_generic(b, element, exponent, rounding, random_bits)
         elif isinstance(element, F.IntEncoding) or element.emin >= 0:
-            out = _round_nearest(b, element, exponent, exact_subnormal=False, specials=False)
+            out = fast(b, exponent, False)
         elif element.mantissa_bits > 21:
-            out = _round_nearest(b, element, exponent, exact_subnormal=True, specials=False)
+            out = fast(b, exponent, True)
         else:
             needs_exact = jnp.min(exponent) < -127 - element.emin  # a block with L < 0
-            out = lax.cond(
-                needs_exact,
-                lambda b, e: _round_nearest(b, element, e, exact_subnormal=True, specials=False),
-                lambda b, e: _round_nearest(b, element, e, exact_subnormal=False, specials=False),
-                b, exponent)
+            out = lax.cond(needs_exact, lambda b, e: fast(b, e, True),
+                           lambda b, e: fast(b, e, False), b, exponent)
         out = _from_bits(jnp.where(divisor > 127, _NAN, out))
     else:
         if has_tensor_scale:
@@ -509,20 +541,20 @@ def _tensor_amax_scale(x, fmt):
     return jnp.stack([scale, _reciprocal(scale)])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12))
 def _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps, num_stages,
-                interpret, axis, prescale):
+                interpret, axis, prescale, out_dtype):
     return _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                           num_stages, interpret, axis, prescale)
+                           num_stages, interpret, axis, prescale, out_dtype)
 
 
 @_fake_quant.defjvp
 def _fake_quant_jvp(fmt, rounding, scale_mode, block_rows, block_cols, num_warps, num_stages,
-                    interpret, axis, prescale, primals, tangents):
+                    interpret, axis, prescale, out_dtype, primals, tangents):
     x, key = primals
     out = _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                      num_stages, interpret, axis, prescale)
-    return out, tangents[0]  # straight-through, as qjax.fake_quant
+                      num_stages, interpret, axis, prescale, out_dtype)
+    return out, tangents[0].astype(out.dtype)  # straight-through, as qjax.fake_quant
 
 
 def tiled_operands(x, fmt, rounding, key, block_rows, block_cols, axis=-1):
@@ -561,9 +593,9 @@ def tiled_operands(x, fmt, rounding, key, block_rows, block_cols, axis=-1):
     return grid, tile, operands, in_specs, m, inner
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11))
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12))
 def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                    num_stages, interpret, axis, prescale):
+                    num_stages, interpret, axis, prescale, out_dtype):
     grid, tile, operands, in_specs, m, inner = tiled_operands(x, fmt, rounding, key, block_rows,
                                                               block_cols, axis)
     kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
@@ -573,7 +605,7 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
                                length=x.shape[axis], prescale=prescale)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(operands[0].shape, x.dtype),
+        out_shape=jax.ShapeDtypeStruct(operands[0].shape, out_dtype),
         grid=grid,
         in_specs=in_specs,
         out_specs=tile,
@@ -622,7 +654,7 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
                       scale_mode: str = "floor", block_rows: int | None = None,
                       block_cols: int | None = None, num_warps: int = DEFAULT_NUM_WARPS,
                       num_stages: int | None = None, interpret: bool = False, axis: int = -1,
-                      prescale: float = 1.0):
+                      prescale: float = 1.0, out_dtype=None):
     """``qjax.fake_quant(x, fmt, axis=axis, ...)`` as one fused Pallas kernel, bit for bit.
 
     Args:
@@ -647,9 +679,11 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
       axis: the quantized axis (the blocks run along it), as in ``qjax.fake_quant``.
       prescale: E8M0 formats only: ``qjax.quantize.prescaled_fake_quant`` (scales from ``x``,
         elements from ``prescale * x``); 1 is ``qjax.fake_quant``.
+      out_dtype: the result's dtype (default ``x``'s), written by the kernel.
 
     Returns:
-      An array of ``x``'s shape and dtype. The derivative is the straight-through estimator.
+      An array of ``x``'s shape and ``out_dtype``. The derivative is the straight-through
+      estimator.
     """
     fmt = F.get(fmt)
     x = jnp.asarray(x)
@@ -675,5 +709,6 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
     block_cols = min(block_cols, size * _next_power_of_two(x.shape[axis] // size))
     if rounding == "nearest":
         key = None
+    out_dtype = x.dtype if out_dtype is None else np.dtype(out_dtype)
     return _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                       num_stages, interpret, axis, float(prescale))
+                       num_stages, interpret, axis, float(prescale), out_dtype)

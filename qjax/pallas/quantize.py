@@ -192,7 +192,8 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
                     out = FQ._round_nearest(b, element, exponent, exact_subnormal=False,
                                             specials=False)
                 else:
-                    out = FQ._round_generic(b, element, exponent, rounding, random_bits)
+                    out = FQ._round_stochastic(b, element, exponent, random_bits,
+                                               exact_subnormal=False)
                 return _encode_scaled(out, element, exponent)
 
             def general(b, exponent, random_bits):
