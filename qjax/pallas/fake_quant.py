@@ -10,8 +10,8 @@ The tile arrives already split into blocks: the wrapper views ``x`` as ``(rows, 
 reshape) and the BlockSpec loads a ``(block_rows, block_cols // B, B)`` tile, so the kernel needs no
 in-kernel reshape; the block amax is a reduction over the last axis. A non-last quantized axis
 (the wgrad operands' layout) is viewed as ``(outer, K // B, B, inner)`` instead, a program takes
-``(blocks, B, inner columns)`` and reduces over the middle axis (bit-identical in the interpreter;
-not dispatched by ``qjax.fake_quant`` until it has run on a GPU).
+``(blocks, B, inner columns)`` and reduces over the middle axis (default: one block down 256
+columns, 1.5x of ``x * 2`` on an H200 where XLA's two passes take 3x).
 
 Results are bit-identical to ``qjax.fake_quant(x, fmt, ...)`` (same rules, ``docs/numerics.md``):
 everything is integer arithmetic on float32 bit patterns, as in ``qjax/quantize.py``, with two
