@@ -17,7 +17,6 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-import qjax
 from qjax import recipes as R
 from qjax import transforms as T
 from timing import environment, median_seconds

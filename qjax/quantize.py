@@ -467,6 +467,14 @@ def counter_bits(index: Integer[Array, "..."], words: Integer[Array, "2"]) -> In
     return hash32(hash32(index ^ words[0]) ^ words[1])
 
 
+def check_counter_range(shape) -> None:
+    """:func:`stochastic_bits` counts elements in uint32: ValueError for 2**32 elements or more."""
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(f"stochastic rounding counts elements in uint32: shape {tuple(shape)} has "
+                         f"{size} elements (at most 2**32 - 1); quantize it in parts.")
+
+
 def stochastic_bits(key: Key[Array, ""], shape) -> Integer[Array, "..."]:
     """The uniform 32-bit words every stochastic rounding in qjax draws: a counter-based hash of
     each element's row-major index and ``key``.
@@ -490,11 +498,8 @@ def stochastic_bits(key: Key[Array, ""], shape) -> Integer[Array, "..."]:
       (dtype('uint32'), True)
     """
     shape = tuple(shape)
-    size = math.prod(shape)
-    if size >= 2**32:
-        raise ValueError(f"stochastic_bits counts elements in uint32: shape {shape} has {size} "
-                         f"elements (at most 2**32 - 1); quantize it in parts.")
-    index = lax.iota(jnp.uint32, size).reshape(shape)
+    check_counter_range(shape)
+    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     return counter_bits(index, stream_words(key))
 
 

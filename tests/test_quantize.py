@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import qjax
 from qjax import formats as F
+from qjax.pallas import fake_quant_pallas
 from qjax.quantize import decode, encode, round_to_element
 
 SMALL_FLOATS = {  # every float element encoding of <= 8 bits that we name, plus sweep encodings
@@ -493,3 +494,7 @@ def test_stochastic_bits_under_vmap_and_limits():
                                       np.asarray(qjax.stochastic_bits(keys[i], (5, 7))))
     with pytest.raises(ValueError, match="at most 2\\*\\*32 - 1"):
         qjax.stochastic_bits(jax.random.key(0), (2**16, 2**16))
+    big = jax.ShapeDtypeStruct((2**16, 2**16), jnp.bfloat16)  # traced only: nothing is allocated
+    with pytest.raises(ValueError, match="at most 2\\*\\*32 - 1"):
+        jax.eval_shape(lambda x: fake_quant_pallas(x, "mxfp4", rounding="stochastic",
+                                                   key=jax.random.key(0), interpret=True), big)

@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from qjax import formats as F
-from qjax.quantize import counter_bits, stream_words
+from qjax.quantize import check_counter_range, counter_bits, stream_words
 
 __all__ = ["fake_quant_pallas", "supports"]
 
@@ -585,6 +585,7 @@ def tiled_operands(x, fmt, rounding, key, block_rows, block_cols, axis=-1):
                             lambda o, j, i: (o, j, 0, i))
     operands, in_specs = [view], [tile]
     if rounding == "stochastic":  # the kernel computes qjax.stochastic_bits from these two words
+        check_counter_range(shape)
         operands.append(stream_words(key))
         in_specs.append(pl.BlockSpec((2,), lambda *ids: (0,)))
     if fmt.scaling.tensor_scale:
