@@ -128,7 +128,11 @@ def test_scanned_blocks_keep_their_layer_axis_whole_and_train_as_unsharded():
     alone = T.train_recipe("mxfp4", config, corpus, verbose=False)
     sharded = T.train_recipe("mxfp4", config, corpus, verbose=False, mesh=MESH)
     assert np.all(np.isfinite(alone.train_loss))
-    np.testing.assert_allclose(sharded.train_loss, alone.train_loss, rtol=0, atol=2e-4)
+    # Sharded GEMMs and all-reduces sum in another order; the quantizers turn those float32
+    # differences into a few one-step flips, which moved the loss by 2.5e-4 after 4 steps once the
+    # backward Hadamard multiplied bf16 operands (2026-12-02); fp8's tolerance above, for the
+    # same reason.
+    np.testing.assert_allclose(sharded.train_loss, alone.train_loss, rtol=0, atol=5e-4)
 
 
 @needs_8
