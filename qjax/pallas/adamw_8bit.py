@@ -81,6 +81,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, UInt8, UInt32
 
 from qjax.optim import codes as _codes
+from qjax.quantize import hash32
 
 __all__ = ["AdamwKernelConfig", "Hyper", "adamw_8bit_pallas", "adamw_8bit_reference", "decode_int8",
            "hyperparameters", "stream_keys", "PARAM_MODES"]
@@ -153,15 +154,6 @@ class Hyper:
 # --------------------------------------------------------------------------- scalar helpers (plain JAX)
 
 
-def _hash(x):
-    """lowbias32 (C. Wellons): a 32-bit integer finaliser with low bias; uint32 in and out."""
-    x = x ^ (x >> 16)
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
 def stream_keys(state_words: UInt32[Array, "2"], param_words: UInt32[Array, "2"],
                 tensor_id: int) -> UInt32[Array, "2"]:
     """The two per-tensor stream keys of the in-kernel hash.
@@ -183,10 +175,10 @@ def stream_keys(state_words: UInt32[Array, "2"], param_words: UInt32[Array, "2"]
     p = jnp.asarray(param_words, jnp.uint32)
     out = []
     for stream in (1, 2):
-        k = _hash(jnp.uint32(np.uint32((tensor_id * 0x9E3779B9 + stream * 0x632BE5AB) & 0xFFFFFFFF)) ^ s[0])
-        k = _hash(k ^ s[1])
-        k = _hash(k ^ p[0])
-        out.append(_hash(k ^ p[1]))
+        k = hash32(jnp.uint32(np.uint32((tensor_id * 0x9E3779B9 + stream * 0x632BE5AB) & 0xFFFFFFFF)) ^ s[0])
+        k = hash32(k ^ s[1])
+        k = hash32(k ^ p[0])
+        out.append(hash32(k ^ p[1]))
     return jnp.stack(out)
 
 
@@ -462,8 +454,8 @@ def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_re
     u, mu, nu = _step(g, w, mu_old, nu_old, hv, ops, param_mode=param_mode, decay=decay,
                       decay_bf16=decay_bf16)
     m = idx * _GOLDEN
-    r1 = _hash(m ^ k_ref[0])
-    r2 = _hash(m ^ k_ref[1])
+    r1 = hash32(m ^ k_ref[0])
+    r2 = hash32(m ^ k_ref[1])
     _store(po_ref, _new_param(w, u, r1, ops, param_mode).astype(po_ref.dtype), tile_mask)
 
     for x, uniform, c_ref, s_ref, i_ref in ((mu, _uniform16(r1), mco_ref, mso_ref, mio_ref),
@@ -692,8 +684,8 @@ def adamw_8bit_reference(grad: Float[Array, "..."], param: Float[Array, "..."], 
                             decay_bf16=decay_bf16)
     idx = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
     m = blocks(idx) * _GOLDEN
-    r1 = _hash(m ^ keys[0])
-    r2 = _hash(m ^ keys[1])
+    r1 = hash32(m ^ keys[0])
+    r2 = hash32(m ^ keys[1])
     out = _from_blocks(_new_param(w, u, r1, ops, param_mode), n)
     valid = blocks(jnp.ones(shape, jnp.bool_))
     table = jnp.asarray(_code_table())

@@ -463,7 +463,7 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
     axis (a non-last quantized axis, ``inner`` elements after it)."""
     refs = list(refs)
     x_ref, o_ref = refs.pop(0), refs.pop()
-    bits_ref = refs.pop(0) if has_bits else None
+    words_ref = refs.pop(0) if has_bits else None
     ts_ref = refs.pop(0) if has_tensor_scale else None
     element = fmt.element
     if inner is None:
@@ -472,7 +472,7 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
         mask, block_axis = _column_tile_mask(x_ref.shape, blocks, inner), 1
     b = _bits(_load(x_ref, mask).astype(jnp.float32))
     amax = jnp.max(b & _ABS, axis=block_axis, keepdims=True)  # max of bits: NaN-propagating
-    random_bits = tile_random_bits(x_ref.shape, bits_ref, length, inner) if has_bits else None
+    random_bits = tile_random_bits(x_ref.shape, words_ref, length, inner) if has_bits else None
     if fmt.scaling.scale.power_of_two:
         divisor = _e8m0_exponent(amax, element, scale_mode)
         exponent = jnp.minimum(divisor, 127)

@@ -67,6 +67,11 @@ def supports(fmt: F.FormatLike) -> bool:
 # --------------------------------------------------------------------------- kernel helpers
 
 
+def _subnormal_flag(a):
+    """1 where the tile holds a float32 subnormal, else 0 (``a``: magnitude bit patterns)."""
+    return jnp.max(_u32((a > 0) & (a < _IMPLICIT)))
+
+
 def _scale_down(b, exponent):
     """Bits of ``x * 2**-exponent`` for float32 bit patterns ``b`` and int32 block exponents in
     [-127, 127]; products below ``2**-126`` become ``±0`` (see the module docstring). NaN/Inf
@@ -84,8 +89,7 @@ def _scale_down(b, exponent):
         out = jnp.where(a >= _IMPLICIT, normal, subnormal)
         return jnp.where(out < _IMPLICIT, np.uint32(0), out)  # below 2**-126: ±0
 
-    any_subnormal = jnp.max(_u32((a > 0) & (a < _IMPLICIT)))
-    out = lax.cond(any_subnormal > 0, with_subnormal_inputs, lambda a, e, normal: normal,
+    out = lax.cond(_subnormal_flag(a) > 0, with_subnormal_inputs, lambda a, e, normal: normal,
                    a, exponent, normal)
     return out | sign
 
@@ -160,14 +164,14 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
             blocks, nan_code):
     refs = list(refs)
     x_ref = refs.pop(0)
-    bits_ref = refs.pop(0) if has_bits else None
+    words_ref = refs.pop(0) if has_bits else None
     ts_ref = refs.pop(0) if has_tensor_scale else None
     codes_ref, scales_ref = refs
     element = fmt.element
     mask = FQ._tile_mask(x_ref.shape, rows, blocks)
     b = _bits(FQ._load(x_ref, mask).astype(jnp.float32))  # (block_rows, blocks, B)
     amax = jnp.max(b & _ABS, axis=-1, keepdims=True)
-    random_bits = (FQ.tile_random_bits(x_ref.shape, bits_ref, blocks * fmt.block_size)
+    random_bits = (FQ.tile_random_bits(x_ref.shape, words_ref, blocks * fmt.block_size)
                    if has_bits else None)
     if fmt.scaling.scale.power_of_two:
         divisor = FQ._e8m0_exponent(amax, element, scale_mode)
@@ -205,8 +209,7 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
             if rounding == "stochastic":
                 # SR of a float32 subnormal x draws on other random bits than SR of the normal
                 # x * 2**-e that qjax.quantize rounds (same distribution, other bits).
-                a = b & _ABS
-                fast = fast & (jnp.max(_u32((a > 0) & (a < _IMPLICIT))) == 0)
+                fast = fast & (_subnormal_flag(b & _ABS) == 0)
             codes = lax.cond(fast, at_block_scale, general, b, ordinary, random_bits)
             codes = jnp.where(divisor > 127, np.uint32(nan_code), codes)
         scale_code = _u32(jnp.where(divisor > 127, 255, divisor + 127))
