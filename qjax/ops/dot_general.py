@@ -164,16 +164,6 @@ def _rotate(x, gemm: R.GemmSpec, axis, signs, inverse=False):
     return fn(x, axis=axis, block_size=gemm.hadamard_block_size, signs=signs)
 
 
-def _rotate_upcast(v, gemm: R.GemmSpec, axis, signs, dtype):
-    """``_rotate(v.astype(dtype), ...)`` for a backward operand; a bfloat16/float16 ``v`` is
-    rotated by a GEMM in its own dtype accumulating in ``dtype`` (see ``hadamard``'s
-    ``out_dtype``), rather than as a float32 GEMM of its upcast."""
-    if gemm.transform is None or v.dtype not in (jnp.bfloat16, jnp.float16) or dtype != jnp.float32:
-        return _rotate(v.astype(dtype), gemm, axis, signs)
-    return T.hadamard(v, axis=axis, block_size=gemm.hadamard_block_size, signs=signs,
-                      out_dtype=dtype)
-
-
 def _output_scale(outer, axis, free_axis):
     """An operand's outer scale (size 1 along its contraction ``axis``) laid out along the
     output's ``free_axis``."""
@@ -201,12 +191,18 @@ def _operand(gemm: R.GemmSpec, side: str, v, axis, signs, key, dtype):
     spec = getattr(gemm, side)
     if not spec.quantizes and gemm.transform is None:
         return v, None
-    if (spec.quantizes and gemm.transform is None and v.dtype in (jnp.bfloat16, jnp.float16)
-            and dtype == jnp.float32 and spec.fmt.bf16_gemm in ("dequantized", "outer_scale")):
-        # The quantizers compute in float32 and these values are bfloat16 numbers anyway: the
-        # upcast would only be written to memory and read back.
-        return _gemm_operand(v, spec, axis=axis, key=key)
-    v = _rotate_upcast(v, gemm, axis, signs, dtype)
+    narrow = v.dtype in (jnp.bfloat16, jnp.float16) and dtype == jnp.float32
+    if gemm.transform is None:
+        if narrow and spec.fmt.bf16_gemm in ("dequantized", "outer_scale"):
+            # The quantizers compute in float32 and these values are bfloat16 numbers anyway:
+            # the upcast would only be written to memory and read back.
+            return _gemm_operand(v, spec, axis=axis, key=key)
+        v = v.astype(dtype)
+    elif narrow:  # one GEMM in v's dtype accumulating in float32 (hadamard's out_dtype)
+        v = T.hadamard(v, axis=axis, block_size=gemm.hadamard_block_size, signs=signs,
+                       out_dtype=dtype)
+    else:
+        v = _rotate(v.astype(dtype), gemm, axis, signs)
     return _gemm_operand(v, spec, axis=axis, key=key) if spec.quantizes else (v, None)
 
 
