@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
-# (parts: tests, fqtests, qtests, bitexact, quantize, kernel, kernelaxis0, qkernel, operands, matmul,
-# fp8gemm, packed, mlp, mlptrace, optim, optimfused, optimcosts, lm, lmprofile, lmunrolled, scaling,
-# collectives; default: all but fqtests, qtests, kernelaxis0, operands, mlptrace, optimfused,
-# optimcosts, lmprofile, lmunrolled and the parts that need >= 2 GPUs
-# (nvidia-h200-x2): scaling, collectives).
+# (parts: tests, fqtests, qtests, hqtests, bitexact, quantize, kernel, kernelaxis0, qkernel,
+# operands, matmul, fp8gemm, packed, mlp, mlptrace, optim, optimfused, optimcosts, lm, lmprofile,
+# lmunrolled, scaling, collectives; default: all but fqtests, qtests, hqtests, kernelaxis0,
+# operands, mlptrace, optimfused, optimcosts, lmprofile, lmunrolled and the parts that need >= 2
+# GPUs (nvidia-h200-x2): scaling, collectives).
 # Each part's whole output goes to $OUT/<part>.txt (default OUT: /tmp); its last lines are printed.
 set -u
 export PYTHONPATH="$PWD:$PWD/benchmarks"
@@ -20,6 +20,8 @@ for part in $parts; do
                2>&1 | grep -v Warning ;;
     qtests) timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_pallas_quantize.py \
               2>&1 | grep -v Warning ;;
+    hqtests) timeout 300 python -m pytest -q -m gpu -p no:cacheprovider \
+               tests/test_pallas_hadamard_quant.py 2>&1 | grep -v Warning ;;
     tests) timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | grep -v Warning ;;
     bitexact) timeout 300 python -m pytest -q -p no:cacheprovider tests/test_reference_bitexact.py \
                 2>&1 | grep -v "^$" ;;

@@ -6,18 +6,24 @@ For each recipe's GEMM operands (forward, dgrad, wgrad; lhs and rhs) of a bf16 (
 quantized along the last axis and along axis 0 (the wgrad layout), it times the operand as the
 quantized GEMM prepares it (upcast, Hadamard transform, quantization, narrowing to bf16: what
 `qjax.ops.dot_general` runs) and its parts on their own: the random bits of stochastic rounding,
-the Hadamard transform, the quantizer. Ratios are to `x * 2` on the same array in the same run.
+the Hadamard transform, the quantizer; for transformed operands also the unfused path
+(`use_kernels(False)`: XLA's rotation GEMM, then the quantizer) and the fused rotate-and-quantize
+kernel (`qjax.pallas.hadamard_quant`) at several tile sizes. Ratios are to `x * 2` on the same
+array in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 
 import jax
 import jax.numpy as jnp
 
+import qjax
 from qjax import recipes as R
+from qjax.pallas import hadamard_quant as HQ
 from qjax import transforms as T
 from timing import environment, median_seconds
 
@@ -49,7 +55,7 @@ def main():
             add(f"hadamard block {block}", "bf16 in, float32 out", axis,
                 lambda x, s, axis=axis, block=block: T.hadamard(
                     x, axis=axis, block_size=block, signs=s, out_dtype=jnp.float32), x, signs)
-    for name in args.recipes.split(","):
+    for name in filter(None, args.recipes.split(",")):
         recipe = R.get(name)
         for gemm_name, gemm in recipe.gemms.items():
             for side in ("lhs", "rhs"):
@@ -68,11 +74,22 @@ def main():
                     add(f"{name} operand", what, axis, operand, x, key, signs)
                     if gemm.transform is None:
                         continue
+                    with qjax.use_kernels(False):  # traced inside: XLA's rotation, then quantizer
+                        add(f"{name} operand, unfused", what, axis, operand, x, key, signs)
 
                     def quantizer(x, key, spec=spec, axis=axis):
                         return G._gemm_operand(x.astype(jnp.float32), spec, axis=axis, key=key)[0]
 
                     add(f"{name} quantizer only", what, axis, quantizer, x, key)
+    signs = T.random_signs(key, 64)
+    for axis in (-1, 0):
+        for block_rows, warps in itertools.product((32, 64, 128, 256), (4, 8)):
+            add(f"hadamard_quant kernel rows={block_rows} warps={warps}",
+                "mxfp4 stochastic random_hadamard64 prescale 0.75", axis,
+                lambda x, key, s, axis=axis, r=block_rows, w=warps: HQ.hadamard_fake_quant_pallas(
+                    x, "mxfp4", hadamard_block_size=64, signs=s, axis=axis,
+                    rounding="stochastic", key=key, prescale=0.75, block_rows=r, num_warps=w),
+                x, key, signs)
     print(f"\n{environment()} | ({args.rows}, {args.cols}) bf16")
     print("| part | operand | axis | us | / x*2 |")
     print("|---|---|---|---|---|")

@@ -1,10 +1,10 @@
 """Library-wide switches.
 
 ``use_kernels(False)`` makes every op that would dispatch to a fused Pallas kernel on the GPU
-(``qjax.fake_quant``, ``qjax.quantize``, the fused ``qjax.optim.adamw`` update) take its plain-JAX
-reference path instead: for debugging, for A/B comparisons and benchmarks. The choice is made when
-a function is traced, so it applies to functions traced (first called, or re-jitted) inside the
-context.
+(``qjax.fake_quant``, ``qjax.quantize``, the rotated bf16 operands of ``qjax.ops.dot_general``,
+the fused ``qjax.optim.adamw`` update) take its plain-JAX reference path instead: for debugging,
+for A/B comparisons and benchmarks. The choice is made when a function is traced, so it applies
+to functions traced (first called, or re-jitted) inside the context.
 """
 
 from __future__ import annotations

@@ -346,7 +346,8 @@ def hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int | None =
 
 
 def inverse_hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int | None = None,
-                     signs: Float[Array, "block_size"] | None = None) -> Float[Array, "..."]:
+                     signs: Float[Array, "block_size"] | None = None,
+                     out_dtype=None) -> Float[Array, "..."]:
     """The inverse of :func:`hadamard` with the same arguments: each block ``v`` maps to
     ``signs * (H_b @ v)``.
 
@@ -361,9 +362,11 @@ def inverse_hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int 
         ``None`` for the whole axis.
       signs: the optional ``(block_size,)`` ±1 vector that was passed to :func:`hadamard`; applied
         after ``H_b``.
+      out_dtype: the result's dtype, as for :func:`hadamard` (bfloat16/float16 ``x`` with float32
+        ``out_dtype``: one GEMM in ``x``'s dtype with float32 accumulation).
 
     Returns:
-      The transformed array, with the shape and dtype of ``x``.
+      The transformed array, with the shape of ``x`` and dtype ``out_dtype`` (default ``x``'s).
 
     Raises:
       ValueError: as for :func:`hadamard`.
@@ -376,7 +379,7 @@ def inverse_hadamard(x: Float[Array, "..."], *, axis: int = -1, block_size: int 
       >>> np.allclose(inverse_hadamard(y, block_size=16, signs=s), x, atol=1e-6)
       True
     """
-    return _transform(x, axis, block_size, signs, inverse=True)
+    return _transform(x, axis, block_size, signs, inverse=True, out_dtype=out_dtype)
 
 
 __all__ = [

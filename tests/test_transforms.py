@@ -510,3 +510,11 @@ def test_narrow_input_with_float32_output(block_size, axis, dtype):
                                 signs=signs)))
     with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
         hadamard(x, block_size=block_size, out_dtype=jnp.int32)
+    # The inverse (signs after H) the same way: what the saved quantized operands go through.
+    back = inverse_hadamard(x, axis=axis, block_size=block_size, signs=signs,
+                            out_dtype=jnp.float32)
+    assert back.dtype == jnp.float32
+    expected = inverse_hadamard(np.asarray(x, np.float64), axis=axis, block_size=block_size,
+                                signs=np.asarray(signs, np.float64))
+    np.testing.assert_allclose(np.asarray(back), expected, rtol=2e-6,
+                               atol=1e-6 * np.abs(expected).max())

@@ -41,6 +41,7 @@ from jax import lax
 from jaxtyping import Array, Float, Key
 
 from qjax import estimators as E
+from qjax.config import kernels_enabled
 from qjax import formats as F
 from qjax.quantize import (_split_outer_scale, fake_quant, prescaled_fake_quant,
                            round_to_element, stochastic_bits)
@@ -157,11 +158,18 @@ def _signs(gemm: R.GemmSpec, length: int, key):
     return T.random_signs(key, gemm.hadamard_block_size or length)
 
 
-def _rotate(x, gemm: R.GemmSpec, axis, signs, inverse=False):
+def _rotate(x, gemm: R.GemmSpec, axis, signs, inverse=False, out_dtype=None):
+    """The GEMM's transform of ``x`` (``x`` itself without one) in ``out_dtype`` (default
+    ``x``'s). A bfloat16/float16 ``x`` with float32 ``out_dtype`` is one GEMM in ``x``'s dtype
+    accumulating in float32 (``qjax.hadamard``'s ``out_dtype``): exact products, on the tensor
+    cores; any other ``x`` is cast to ``out_dtype`` and rotated in it."""
+    narrow = x.dtype in (jnp.bfloat16, jnp.float16) and out_dtype == jnp.float32
+    if out_dtype is not None and (gemm.transform is None or not narrow):
+        x = x.astype(out_dtype)
     if gemm.transform is None:
         return x
     fn = T.inverse_hadamard if inverse else T.hadamard
-    return fn(x, axis=axis, block_size=gemm.hadamard_block_size, signs=signs)
+    return fn(x, axis=axis, block_size=gemm.hadamard_block_size, signs=signs, out_dtype=out_dtype)
 
 
 def _output_scale(outer, axis, free_axis):
@@ -198,12 +206,44 @@ def _operand(gemm: R.GemmSpec, side: str, v, axis, signs, key, dtype):
             # the upcast would only be written to memory and read back.
             return _gemm_operand(v, spec, axis=axis, key=key)
         v = v.astype(dtype)
-    elif narrow:  # one GEMM in v's dtype accumulating in float32 (hadamard's out_dtype)
-        v = T.hadamard(v, axis=axis, block_size=gemm.hadamard_block_size, signs=signs,
-                       out_dtype=dtype)
+    elif narrow and _rotate_quantize_kernel_applies(v, gemm, spec, axis):
+        return _rotated_quantized(v, gemm, spec, axis, signs, key)
     else:
-        v = _rotate(v.astype(dtype), gemm, axis, signs)
+        v = _rotate(v, gemm, axis, signs, out_dtype=dtype)
     return _gemm_operand(v, spec, axis=axis, key=key) if spec.quantizes else (v, None)
+
+
+def _rotate_quantize_kernel_applies(v, gemm: R.GemmSpec, spec: R.OperandSpec, axis) -> bool:
+    """Whether the rotation and quantization of a bfloat16 operand run as one Pallas kernel
+    (``qjax.pallas.hadamard_quant``): on a single GPU, for E8M0-scaled float formats whose values
+    the GEMM multiplies in bfloat16, RTN or SR, a Hadamard block the kernel handles. Sharded
+    operands would need a ``shard_map`` around it."""
+    if not (spec.quantizes and kernels_enabled() and jax.default_backend() == "gpu"
+            and jax.device_count() == 1):
+        return False
+    from qjax.pallas import hadamard_quant  # lazy: qjax.pallas builds on the quantizers
+
+    h = gemm.hadamard_block_size or v.shape[axis]
+    return (spec.fmt.bf16_gemm == "dequantized" and spec.rounding in ("nearest", "stochastic")
+            and hadamard_quant.supports(spec.fmt, h) and v.size > 0 and v.shape[axis] % h == 0)
+
+
+def _rotated_quantized(v, gemm: R.GemmSpec, spec: R.OperandSpec, axis, signs, key):
+    """``_gemm_operand(hadamard(v), spec)`` by the fused kernel on CUDA, by XLA elsewhere."""
+    from qjax.pallas import hadamard_quant
+
+    options = dict(fmt=spec.fmt, hadamard_block_size=gemm.hadamard_block_size or v.shape[axis],
+                   axis=axis, rounding=spec.rounding, scale_mode=spec.scale_mode,
+                   prescale=spec.prescale)
+    key = key if spec.needs_key else None
+    # Chosen when lowering for the platform the data is on (as in qjax.quantize).
+    values = lax.platform_dependent(
+        v, signs, key,
+        cuda=lambda v, signs, key: hadamard_quant.hadamard_fake_quant_pallas(
+            v, signs=signs, key=key, **options),
+        default=lambda v, signs, key: hadamard_quant.hadamard_fake_quant_reference(
+            v, signs=signs, key=key, **options))
+    return values, (None if spec.prescale == 1 else np.float32(1 / spec.prescale))
 
 
 def _backward_gemm(gemm: R.GemmSpec, a, b, a_axis, b_axis, keys, name, precision, dtype):
@@ -227,13 +267,13 @@ def _identity_gradient(spec: R.OperandSpec) -> bool:
 
 def _forward_operand(gemm: R.GemmSpec, side: str, v, axis: int, signs, key, dtype):
     """The forward GEMM's operand as ``(values, outer, vjp)``; ``vjp`` is the estimator's rule
-    (None for an identity gradient), taken on the float32 operand."""
+    (None for an identity gradient), taken on the rotated float32 operand (the rotation's own
+    transpose, its inverse, is applied in :func:`_backward`)."""
     spec = getattr(gemm, side)
     if _identity_gradient(spec):
         return (*_operand(gemm, side, v, axis, signs, key, dtype), None)
-    fn = lambda u: quantize_operand(_rotate(u, gemm, axis, signs), spec, axis=axis, key=key,
-                                    differentiable=True)
-    values, vjp = jax.vjp(fn, v.astype(dtype))
+    fn = lambda u: quantize_operand(u, spec, axis=axis, key=key, differentiable=True)
+    values, vjp = jax.vjp(fn, _rotate(v, gemm, axis, signs, out_dtype=dtype))
     return _narrow(values, spec), None, vjp
 
 
@@ -241,8 +281,8 @@ def _saved_quantized(values, outer, gemm: R.GemmSpec, axis, signs, dtype):
     """A forward-quantized operand as the backward GEMMs re-read it (dequantized, un-rotated)."""
     if gemm.transform is None and outer is None:
         return values
-    dequantized = values.astype(dtype) if outer is None else values.astype(dtype) * outer
-    return _rotate(dequantized, gemm, axis, signs, inverse=True)
+    dequantized = values if outer is None else values.astype(dtype) * outer
+    return _rotate(dequantized, gemm, axis, signs, inverse=True, out_dtype=dtype)
 
 
 def _forward(recipe, precision, out_dtype, x, w, key):
@@ -270,8 +310,10 @@ def _backward(recipe, precision, in_dtypes, res, dy):
     dw = _backward_gemm(recipe.wgrad, x_saved, dy, 1, 1, keys, "wgrad", precision, acc)
     if x_vjp is not None:  # the estimator's rule lives in the rotated domain of the forward GEMM
         (dx,) = x_vjp(_rotate(dx, recipe.forward, -1, signs))
+        dx = _rotate(dx, recipe.forward, -1, signs, inverse=True)
     if w_vjp is not None:
         (dw,) = w_vjp(_rotate(dw, recipe.forward, -2, signs))
+        dw = _rotate(dw, recipe.forward, -2, signs, inverse=True)
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 

@@ -2,7 +2,10 @@
 
 ``fake_quant_pallas``: ``qjax.fake_quant`` of block-scaled formats (MX, int4, NVFP4) in one fused
 pass, bit-identical to it; ``quantize_pallas``: ``qjax.quantize`` of the block formats with
-float or integer elements, one pass, bit-identical. ``scaled_matmul``: ``C = A·B`` from two block-scaled ``QArray``s
+float or integer elements, one pass, bit-identical. ``hadamard_fake_quant_pallas``: the
+(random) Hadamard rotation of a bf16 GEMM operand and its MX fake quantization in one pass (the
+backward operands of the mxfp4 and quartet recipes), against ``hadamard_fake_quant_reference``.
+``scaled_matmul``: ``C = A·B`` from two block-scaled ``QArray``s
 with the scales applied inside the kernel, against ``scaled_matmul_reference``.
 ``packed_matmul``: ``x @ W`` for small M with W in packed 4-bit storage (``pack_weight``), against
 ``packed_matmul_reference``. ``adamw_8bit_pallas``: one AdamW step of a tensor with int8 moments
@@ -13,6 +16,7 @@ measure.
 
 from qjax.pallas.adamw_8bit import adamw_8bit_pallas, adamw_8bit_reference
 from qjax.pallas.fake_quant import fake_quant_pallas, supports
+from qjax.pallas.hadamard_quant import hadamard_fake_quant_pallas, hadamard_fake_quant_reference
 from qjax.pallas.packed_matmul import (
     PackedWeight,
     pack_weight,
@@ -33,6 +37,8 @@ __all__ = [
     "adamw_8bit_pallas",
     "adamw_8bit_reference",
     "fake_quant_pallas",
+    "hadamard_fake_quant_pallas",
+    "hadamard_fake_quant_reference",
     "PackedWeight",
     "pack_weight",
     "packed_matmul",

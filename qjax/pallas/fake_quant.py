@@ -456,6 +456,34 @@ def tile_random_bits(shape, words_ref, length, inner=None):
     return counter_bits(index, (words_ref[0], words_ref[1]))
 
 
+def quantize_e8m0_tile(b, amax, element, scale_mode, rounding, prescale, random_bits):
+    """Fake quantization of float32 bit patterns ``b`` in registers with E8M0 block scales from
+    the block maxima ``amax`` (uint32 bits of |x|, broadcastable against ``b``): the scale, the
+    optional pre-scale, RTN or SR (``random_bits``) of the elements. Returns float32 values, NaN
+    for blocks holding NaN/Inf. Shared by the fused kernels of this package."""
+    divisor = _e8m0_exponent(amax, element, scale_mode)
+    exponent = jnp.minimum(divisor, 127)
+    if prescale != 1:  # scales from x, elements from prescale * x
+        b = _bits(_from_bits(b) * np.float32(prescale))
+    if rounding == "nearest":
+        def fast(b, e, exact):
+            return _round_nearest(b, element, e, exact_subnormal=exact, specials=False)
+    else:
+        def fast(b, e, exact):
+            return _round_stochastic(b, element, e, random_bits, exact_subnormal=exact)
+    if rounding != "nearest" and isinstance(element, F.IntEncoding):
+        out = _round_generic(b, element, exponent, rounding, random_bits)
+    elif isinstance(element, F.IntEncoding) or element.emin >= 0:
+        out = fast(b, exponent, False)
+    elif element.mantissa_bits > 21:
+        out = fast(b, exponent, True)
+    else:
+        needs_exact = jnp.min(exponent) < -127 - element.emin  # a block with L < 0
+        out = lax.cond(needs_exact, lambda b, e: fast(b, e, True),
+                       lambda b, e: fast(b, e, False), b, exponent)
+    return _from_bits(jnp.where(divisor > 127, _NAN, out))
+
+
 def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
             blocks, inner, length, prescale):
     """One tile: ``(block_rows, blocks_per_tile, B)`` with the blocks along the last axis
@@ -474,27 +502,7 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
     amax = jnp.max(b & _ABS, axis=block_axis, keepdims=True)  # max of bits: NaN-propagating
     random_bits = tile_random_bits(x_ref.shape, words_ref, length, inner) if has_bits else None
     if fmt.scaling.scale.power_of_two:
-        divisor = _e8m0_exponent(amax, element, scale_mode)
-        exponent = jnp.minimum(divisor, 127)
-        if prescale != 1:  # scales from x, elements from prescale * x
-            b = _bits(_from_bits(b) * np.float32(prescale))
-        if rounding == "nearest":
-            def fast(b, e, exact):
-                return _round_nearest(b, element, e, exact_subnormal=exact, specials=False)
-        else:
-            def fast(b, e, exact):
-                return _round_stochastic(b, element, e, random_bits, exact_subnormal=exact)
-        if rounding != "nearest" and isinstance(element, F.IntEncoding):
-            out = _round_generic(b, element, exponent, rounding, random_bits)
-        elif isinstance(element, F.IntEncoding) or element.emin >= 0:
-            out = fast(b, exponent, False)
-        elif element.mantissa_bits > 21:
-            out = fast(b, exponent, True)
-        else:
-            needs_exact = jnp.min(exponent) < -127 - element.emin  # a block with L < 0
-            out = lax.cond(needs_exact, lambda b, e: fast(b, e, True),
-                           lambda b, e: fast(b, e, False), b, exponent)
-        out = _from_bits(jnp.where(divisor > 127, _NAN, out))
+        out = quantize_e8m0_tile(b, amax, element, scale_mode, rounding, prescale, random_bits)
     else:
         if has_tensor_scale:
             tensor_scale, tensor_reciprocal = ts_ref[0], ts_ref[1]
