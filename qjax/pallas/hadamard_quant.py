@@ -2,9 +2,9 @@
 
 The backward GEMMs of the ``mxfp4`` and ``quartet`` recipes rotate each bfloat16 operand along its
 contraction axis (blocks of ``h`` = 64 or 32, random signs) and quantize the rotation to MXFP4
-with stochastic rounding and a pre-scale. Under XLA that is a GEMM with the ±1 matrix writing the
-float32 rotation, then the quantizer reading it back: along axis 0 (the wgrad layout) 6.9x the time
-of ``x * 2`` on an H200 (docs/benchmarks.md). Here one program loads a ``(block_rows, h)`` tile (or
+with stochastic rounding and a pre-scale. Under XLA that is a GEMM with the ±1 matrix and the
+quantizer behind it: 3.0x (last axis) and 3.4x (axis 0, the wgrad layout) the time of ``x * 2`` on
+an H200, against 2.4x and 2.7x for this kernel (docs/benchmarks.md, 2026-12-04). Here one program loads a ``(block_rows, h)`` tile (or
 ``(h, block_rows)`` along a non-last axis) of the bfloat16 operand once and, for each of the
 ``h / B`` format blocks of the Hadamard block, multiplies it by the matching ``h x B`` slice of
 ``diag(signs) · H`` (entries ±1, exact in bfloat16; float32 accumulation on the tensor cores), scales
