@@ -49,7 +49,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
       state_rounding: rounding of the quantized moments, ``"stochastic"`` (default) or
         ``"nearest"``; see :func:`~qjax.optim.quantize_state`.
       seed: seed of the stochastic-rounding keys (weights; the state's key uses ``seed + 1``).
-      prng_impl: PRNG implementation for stochastic rounding (``"unsafe_rbg"`` is fastest on GPU).
+      prng_impl: PRNG implementation of the stochastic-rounding keys (they are split every step;
+        the random bits are ``qjax.stochastic_bits`` of the split keys, or the kernel's hash).
       fused: the one-pass Pallas kernel (:mod:`qjax.pallas.adamw_8bit`) for the tensors it
         handles (``state_fmt="int8"`` with stochastic state rounding, ``params="bf16_sr"`` or
         ``None`` with float32 weights; leaves whose moments are quantized). ``None`` (default):
@@ -60,7 +61,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         17.7 ms (``optax.adamw`` fp32: 3.1 ms); the kernel alone now takes 1.42x of
         ``optax.adamw``. It is bit-identical to its reference on the H100 and H200. Both
         keep the same state pytree; they differ in the random stream of the stochastic rounding
-        (in-kernel hash vs ``jax.random``), so not bit for bit.
+        (the kernel's own hash streams vs ``qjax.stochastic_bits``), so not bit for bit.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

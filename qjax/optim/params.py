@@ -81,7 +81,8 @@ def bf16_params(mode: ParamsMode = "sr", *, seed: int = 0,
         compensation buffer) or ``"nearest"`` (plain round-to-nearest, for comparison).
       seed: seed of the stochastic-rounding key (``"sr"`` only).
       prng_impl: PRNG implementation of the key, e.g. ``"threefry2x32"`` (JAX default) or
-        ``"unsafe_rbg"`` / ``"rbg"`` (much cheaper random bits on GPU); ``None`` = JAX's default.
+        ``"unsafe_rbg"``; ``None`` = JAX's default. It only splits the key every step: the
+        rounding's random bits are ``qjax.stochastic_bits`` of the split key for any ``prng_impl``.
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`Bf16ParamsState`. Put it last in a chain.

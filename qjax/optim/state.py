@@ -53,13 +53,15 @@ Rounding (``rounding``) is stochastic by default, nearest on request.
   the first ~1/(1-b2) steps) and Adam's effective step size drifts.
 * ``"stochastic"``: one of the two neighbouring codes (fp8: E4M3 neighbours), the upper with
   probability (distance to the lower) / gap, so the stored value is unbiased and the EMA is right
-  on average. Costs a PRNG key in the state and random bits per element per step.
+  on average. Costs a PRNG key in the state and random bits per element per step: the
+  counter-hash words of ``qjax.stochastic_bits``, which XLA fuses into the rounding (as every
+  stochastic rounding in qjax draws them).
 
 Measured on the CPU convergence task of ``tests/test_optim.py`` (final loss vs float32 Adam
-state, 200 steps): nearest int8 -1.6%, fp8 -1.1%, int4 +23%; stochastic int8 -0.04%, fp8 -0.25%,
-int4 -0.75% (``python benchmarks/optim_update.py --convergence`` prints the table). With a
+state, 200 steps): nearest int8 -1.6%, fp8 -1.1%, int4 +23%; stochastic int8 -0.10%, fp8 -0.17%,
+int4 -1.24% (``python benchmarks/optim_update.py --convergence`` prints the table). With a
 constant low learning rate (3e-4) nearest drifts further (int8 -6.7%, fp8 -6.2%), stochastic stays
-within 0.6% (int4: 2.9%).
+within 0.5% (int4: 3.2%).
 
 One rule guards the second moment: in a non-negative block a positive value never rounds to the
 code ``0`` (it takes the smallest positive code). Adam divides by ``sqrt(nu)``; a tiny positive
@@ -88,7 +90,7 @@ from jaxtyping import Array, Float, Key, UInt32
 
 from qjax import formats as F
 from qjax.optim import codes
-from qjax.quantize import round_to_element
+from qjax.quantize import round_to_element, stochastic_bits
 
 StateFormatName = Literal["int8", "fp8", "int4"]
 STATE_FORMATS: tuple[str, ...] = ("int8", "fp8", "int4")
@@ -216,12 +218,12 @@ def quantize_tensor(x: Float[Array, "..."], fmt: StateFormatName = "int8", *,
     nonnegative = jnp.all(xb >= 0, axis=-1)
     safe = jnp.where(absmax > 0, absmax, 1.0)[..., None]
     if fmt == "fp8":
-        random_bits = None if key is None else jax.random.bits(key, xb.shape, jnp.uint32)
+        random_bits = None if key is None else stochastic_bits(key, xb.shape)
         values, info = _encode_fp8(xb, absmax, nonnegative, random_bits)
         stored = _from_blocks(values, n).astype(jnp.float8_e4m3fn)
     else:
         table_index = nonnegative.astype(jnp.int32)[..., None]
-        uniform = None if key is None else jax.random.uniform(key, xb.shape, jnp.float32)
+        uniform = None if key is None else _uniform(stochastic_bits(key, xb.shape))
         index = codes.nearest_code(xb / safe, _int_tables(fmt), table_index,
                                    positive_nonzero=nonnegative[..., None], uniform=uniform)
         stored = _from_blocks(index.astype(jnp.uint8), n)
@@ -229,6 +231,11 @@ def quantize_tensor(x: Float[Array, "..."], fmt: StateFormatName = "int8", *,
             stored = _pack_nibbles(stored)
         info = nonnegative.astype(jnp.uint8)
     return QuantizedTensor(stored, absmax, info, fmt, tuple(x.shape), np.dtype(x.dtype), bs)
+
+
+def _uniform(bits):
+    """Uniform float32 samples in [0, 1) from the top 24 of 32 random bits (exact in float32)."""
+    return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
 def _expansion_code(xb, absmax, nonnegative):
@@ -346,7 +353,8 @@ def quantize_state(inner: optax.GradientTransformation, fmt: StateFormatName = "
         EMA whose per-step change is below the code gap (Adam's ``nu`` moves 0.1% per step with
         ``b2 = 0.999``; the 8-bit code's gaps are 0.7-7% of a value) is neither frozen nor biased.
         It costs a PRNG key in the state and random bits per element per step.
-      seed, prng_impl: the stochastic-rounding key (``prng_impl="unsafe_rbg"`` is cheapest on GPU).
+      seed, prng_impl: the stochastic-rounding key and its PRNG implementation (used to split it
+        every step; the random bits themselves are ``qjax.stochastic_bits`` for any ``prng_impl``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`QuantizedOptState`.
