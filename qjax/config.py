@@ -13,12 +13,20 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import jax
+
 _KERNELS = contextvars.ContextVar("qjax_kernels", default=True)
 
 
 def kernels_enabled() -> bool:
     """Whether ops may dispatch to fused Pallas kernels (default ``True``)."""
     return _KERNELS.get()
+
+
+def single_gpu() -> bool:
+    """Whether JAX runs on exactly one GPU: where the kernels are dispatched (arrays sharded over
+    several devices would need a ``shard_map`` around them)."""
+    return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
 @contextlib.contextmanager

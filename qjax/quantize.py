@@ -20,7 +20,7 @@ from jax import lax
 from jaxtyping import Array, Float, Integer, Key
 
 from qjax import formats as F
-from qjax.config import kernels_enabled
+from qjax.config import kernels_enabled, single_gpu
 
 Rounding = Literal["nearest", "stochastic"]
 ScaleMode = Literal["floor", "rceil"]
@@ -858,7 +858,7 @@ def _fused_kernel_applies(x, fmt, axis, any_axis: bool = False) -> bool:
     float-scaled formats too (NVFP4, int4), but they are not dispatched yet: NVFP4 gains nothing
     and int4 awaits a timing and a GPU check of its vmap/scan paths (docs/benchmarks.md). A
     kernel on arrays sharded over several devices needs a ``shard_map``."""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+    if not single_gpu():
         return False
     from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
 

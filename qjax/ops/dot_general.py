@@ -41,7 +41,7 @@ from jax import lax
 from jaxtyping import Array, Float, Key
 
 from qjax import estimators as E
-from qjax.config import kernels_enabled
+from qjax.config import kernels_enabled, single_gpu
 from qjax import formats as F
 from qjax.quantize import (_split_outer_scale, fake_quant, prescaled_fake_quant,
                            round_to_element, stochastic_bits)
@@ -218,8 +218,7 @@ def _rotate_quantize_kernel_applies(v, gemm: R.GemmSpec, spec: R.OperandSpec, ax
     (``qjax.pallas.hadamard_quant``): on a single GPU, for E8M0-scaled float formats whose values
     the GEMM multiplies in bfloat16, RTN or SR, a Hadamard block the kernel handles. Sharded
     operands would need a ``shard_map`` around it."""
-    if not (spec.quantizes and kernels_enabled() and jax.default_backend() == "gpu"
-            and jax.device_count() == 1):
+    if not (spec.quantizes and kernels_enabled() and single_gpu()):
         return False
     from qjax.pallas import hadamard_quant  # lazy: qjax.pallas builds on the quantizers
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qjax.config import kernels_enabled
+from qjax.config import kernels_enabled, single_gpu
 from qjax.optim.params import bf16_params, upcast_inner
 from qjax.optim.state import STATE_FORMATS, QuantizedTensor, quantize_state
 
@@ -114,8 +114,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         if fused is True:
             interpret = jax.default_backend() != "gpu"
             return fused_update(updates, state, params, interpret=interpret, **extra_args)
-        if (jax.default_backend() != "gpu" or jax.device_count() != 1
-                or not kernels_enabled()):
+        if not (single_gpu() and kernels_enabled()):
             return chain.update(updates, state, params, **extra_args)
         # Chosen when lowering for the platform the data is on (a GPU machine may still run this
         # on its CPU, where only the chain compiles).

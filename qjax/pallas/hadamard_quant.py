@@ -35,8 +35,8 @@ from jax.experimental.pallas import triton as pltriton
 from qjax import formats as F
 from qjax import transforms as T
 from qjax.pallas.fake_quant import _ABS, _bits, _u32, quantize_e8m0_tile
-from qjax.quantize import (check_counter_range, counter_bits, prescaled_fake_quant,
-                           stream_words)
+from qjax.quantize import (_check_arguments, check_counter_range, counter_bits,
+                           prescaled_fake_quant, stream_words)
 
 __all__ = ["hadamard_fake_quant_pallas", "hadamard_fake_quant_reference", "supports"]
 
@@ -223,12 +223,7 @@ def hadamard_fake_quant_pallas(x, fmt: F.FormatLike, *, hadamard_block_size: int
     if x.dtype not in (jnp.bfloat16, jnp.float16):
         raise TypeError(f"hadamard_fake_quant_pallas rotates bfloat16 or float16 inputs on the "
                         f"tensor cores, got {x.dtype}; use hadamard_fake_quant_reference.")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"unknown rounding {rounding!r}; valid: nearest, stochastic.")
-    if rounding == "stochastic" and key is None:
-        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed).")
-    if scale_mode not in ("floor", "rceil"):
-        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid: floor, rceil.")
+    _check_arguments(x, fmt, rounding, key, scale_mode)
     if not prescale > 0:
         raise ValueError(f"prescale must be a positive float, got {prescale}.")
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
