@@ -1,6 +1,7 @@
 """What one quantized GEMM operand costs, part by part, against `x * 2` (issue 6's MLP step).
 
     python benchmarks/operand_costs.py [--rows 8192 --cols 8192] [--recipes mxfp4,nvfp4,fp8]
+        [--sweep mxfp4,nvfp4 --configs 64x4,128x8]
 
 For each recipe's GEMM operands (forward, dgrad, wgrad; lhs and rhs) of a bf16 (rows, cols) array,
 quantized along the last axis and along axis 0 (the wgrad layout), it times the operand as the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,9 @@ from qjax import transforms as T
 from timing import environment, median_seconds
 
 G = importlib.import_module("qjax.ops.dot_general")  # the module (qjax.ops re-exports the function)
+# The backward operands of the mxfp4 and nvfp4 recipes, as the sweep times them.
+SWEEPS = {"mxfp4": dict(hadamard_block_size=64, prescale=0.75),
+          "nvfp4": dict(hadamard_block_size=16, split_tensor_scale=True)}
 
 
 def main():
@@ -35,6 +38,10 @@ def main():
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cols", type=int, default=8192)
     parser.add_argument("--recipes", default="mxfp4,nvfp4,fp8,mxfp8")
+    parser.add_argument("--sweep", default="mxfp4", help="formats whose fused rotate-and-quantize "
+                        "kernel is timed at every --configs tile (mxfp4, nvfp4; empty: none)")
+    parser.add_argument("--configs", default="32x4,32x8,64x4,64x8,128x4,128x8,256x4,256x8",
+                        help="block_rows x num_warps of the sweep")
     args = parser.parse_args()
     x = jax.random.normal(jax.random.key(0), (args.rows, args.cols), jnp.bfloat16)
     key = jax.random.key(1)
@@ -81,15 +88,22 @@ def main():
                         return G._gemm_operand(x.astype(jnp.float32), spec, axis=axis, key=key)[0]
 
                     add(f"{name} quantizer only", what, axis, quantizer, x, key)
-    signs = T.random_signs(key, 64)
-    for axis in (-1, 0):
-        for block_rows, warps in itertools.product((32, 64, 128, 256), (4, 8)):
-            add(f"hadamard_quant kernel rows={block_rows} warps={warps}",
-                "mxfp4 stochastic random_hadamard64 prescale 0.75", axis,
-                lambda x, key, s, axis=axis, r=block_rows, w=warps: HQ.hadamard_fake_quant_pallas(
-                    x, "mxfp4", hadamard_block_size=64, signs=s, axis=axis,
-                    rounding="stochastic", key=key, prescale=0.75, block_rows=r, num_warps=w),
-                x, key, signs)
+    for fmt in filter(None, args.sweep.split(",")):
+        options = SWEEPS[fmt]
+        h = options["hadamard_block_size"]
+        signs = T.random_signs(key, h)
+        for axis in (-1, 0):
+            for config in args.configs.split(","):
+                block_rows, warps = map(int, config.split("x"))
+                add(f"hadamard_quant kernel rows={block_rows} warps={warps}",
+                    f"{fmt} stochastic random_hadamard{h} " + " ".join(
+                        f"{k} {v}" for k, v in options.items() if k != "hadamard_block_size"),
+                    axis,
+                    lambda x, key, s, axis=axis, r=block_rows, w=warps, fmt=fmt:
+                        HQ.hadamard_fake_quant_pallas(
+                            x, fmt, signs=s, axis=axis, rounding="stochastic", key=key,
+                            block_rows=r, num_warps=w, **SWEEPS[fmt]),
+                    x, key, signs)
     print(f"\n{environment()} | ({args.rows}, {args.cols}) bf16")
     print("| part | operand | axis | us | / x*2 |")
     print("|---|---|---|---|---|")

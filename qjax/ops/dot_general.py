@@ -215,34 +215,41 @@ def _operand(gemm: R.GemmSpec, side: str, v, axis, signs, key, dtype):
 
 def _rotate_quantize_kernel_applies(v, gemm: R.GemmSpec, spec: R.OperandSpec, axis) -> bool:
     """Whether the rotation and quantization of a bfloat16 operand run as one Pallas kernel
-    (``qjax.pallas.hadamard_quant``): on a single GPU, for E8M0-scaled float formats whose values
-    the GEMM multiplies in bfloat16, RTN or SR, a Hadamard block the kernel handles. Sharded
-    operands would need a ``shard_map`` around it."""
+    (``qjax.pallas.hadamard_quant``): on a single GPU, for float formats whose values the GEMM
+    multiplies in bfloat16 (MX formats; two-level formats such as NVFP4, whose tensor scale
+    multiplies the output), RTN or SR, a Hadamard block the kernel handles. Sharded operands
+    would need a ``shard_map`` around it."""
     if not (spec.quantizes and kernels_enabled() and single_gpu()):
         return False
     from qjax.pallas import hadamard_quant  # lazy: qjax.pallas builds on the quantizers
 
+    fmt = spec.fmt
     h = gemm.hadamard_block_size or v.shape[axis]
-    return (spec.fmt.bf16_gemm == "dequantized" and spec.rounding in ("nearest", "stochastic")
-            and hadamard_quant.supports(spec.fmt, h) and v.size > 0 and v.shape[axis] % h == 0)
+    in_bf16 = fmt.bf16_gemm == "dequantized" or (
+        fmt.bf16_gemm == "outer_scale" and fmt.scaling.tensor_scale and spec.prescale == 1)
+    return (in_bf16 and spec.rounding in ("nearest", "stochastic")
+            and hadamard_quant.supports(fmt, h) and v.size > 0 and v.shape[axis] % h == 0)
 
 
 def _rotated_quantized(v, gemm: R.GemmSpec, spec: R.OperandSpec, axis, signs, key):
     """``_gemm_operand(hadamard(v), spec)`` by the fused kernel on CUDA, by XLA elsewhere."""
     from qjax.pallas import hadamard_quant
 
+    split = spec.fmt.bf16_gemm == "outer_scale"
     options = dict(fmt=spec.fmt, hadamard_block_size=gemm.hadamard_block_size or v.shape[axis],
                    axis=axis, rounding=spec.rounding, scale_mode=spec.scale_mode,
-                   prescale=spec.prescale)
+                   prescale=spec.prescale, split_tensor_scale=split)
     key = key if spec.needs_key else None
     # Chosen when lowering for the platform the data is on (as in qjax.quantize).
-    values = lax.platform_dependent(
+    out = lax.platform_dependent(
         v, signs, key,
         cuda=lambda v, signs, key: hadamard_quant.hadamard_fake_quant_pallas(
             v, signs=signs, key=key, **options),
         default=lambda v, signs, key: hadamard_quant.hadamard_fake_quant_reference(
             v, signs=signs, key=key, **options))
-    return values, (None if spec.prescale == 1 else np.float32(1 / spec.prescale))
+    if split:
+        return out
+    return out, (None if spec.prescale == 1 else np.float32(1 / spec.prescale))
 
 
 def _backward_gemm(gemm: R.GemmSpec, a, b, a_axis, b_axis, keys, name, precision, dtype):

@@ -358,7 +358,9 @@ def _e8m0_exponent(amax_bits, element, scale_mode):
 
 
 def _float_scale(amax_bits, fmt, tensor_scale, tensor_reciprocal):
-    """``qjax.quantize._scale_from_stat``'s divisor for non-power-of-two scales (float32)."""
+    """``qjax.quantize._scale_from_stat`` for non-power-of-two scales: ``(block scale, divisor)``
+    (float32), the block scale as stored (NaN for blocks holding NaN/Inf) and the divisor of the
+    elements, the block scale times the tensor scale of a two-level format (NVFP4)."""
     element, encoding = fmt.element, fmt.scaling.scale
     stat = _from_bits(amax_bits)
     finite = amax_bits < _INF
@@ -370,13 +372,39 @@ def _float_scale(amax_bits, fmt, tensor_scale, tensor_reciprocal):
         if encoding.name == "bf16":
             target = _from_bits(_round_generic(_bits(target), F.get("bf16").element, 0, "nearest",
                                                None, saturate=False))
-        return jnp.where(finite, jnp.where(target > 0, target, np.float32(1)), nan)
+        value = jnp.where(finite, jnp.where(target > 0, target, np.float32(1)), nan)
+        return value, value
     grid = encoding.float_encoding
     value = _from_bits(_round_generic(_bits(jnp.where(finite, target, nan)), grid, 0, "nearest",
                                       None))
-    if tensor_scale is not None:
-        value = value * tensor_scale
-    return value
+    return value, (value if tensor_scale is None else value * tensor_scale)
+
+
+def quantize_float_scaled_tile(b, amax, fmt, rounding, random_bits, tensor_pair, *, interpret):
+    """Quantization of float32 bit patterns ``b`` in registers with float block scales (int4's
+    bf16/fp32 scales, NVFP4's E4M3 scales under a tensor scale) from the block maxima ``amax``
+    (uint32 bits of |x|, broadcastable against ``b``): RTN or SR (``random_bits``) of ``b`` times
+    the divisor's reciprocal, correctly rounded (``rcp.rn`` on the GPU, long division in the
+    interpreter), as ``qjax.quantize`` does.
+
+    Args:
+      tensor_pair: ``(tensor scale, its reciprocal)`` for two-level formats, else None.
+
+    Returns:
+      ``(elements, block scale, divisor)``, float32: ``elements * divisor`` is the fake-quantized
+      value, ``elements * block scale`` the same without the tensor scale. Shared by the fused
+      kernels of this package.
+    """
+    tensor_scale, tensor_reciprocal = (None, None) if tensor_pair is None else tensor_pair
+    value, divisor = _float_scale(amax, fmt, tensor_scale, tensor_reciprocal)
+    reciprocal = (_reciprocal if interpret else _reciprocal_fast)(divisor)
+    reciprocal = jnp.where(divisor == 0, np.float32(0), reciprocal)
+    y = _bits(_from_bits(b) * reciprocal)
+    if rounding == "nearest":
+        elements = _round_nearest(y, fmt.element, 0, exact_subnormal=False, specials=True)
+    else:
+        elements = _round_generic(y, fmt.element, 0, rounding, random_bits)
+    return _from_bits(elements), value, divisor
 
 
 # --------------------------------------------------------------------------- kernel
@@ -504,19 +532,10 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
     if fmt.scaling.scale.power_of_two:
         out = quantize_e8m0_tile(b, amax, element, scale_mode, rounding, prescale, random_bits)
     else:
-        if has_tensor_scale:
-            tensor_scale, tensor_reciprocal = ts_ref[0], ts_ref[1]
-        else:
-            tensor_scale = tensor_reciprocal = None
-        divisor = _float_scale(amax, fmt, tensor_scale, tensor_reciprocal)
-        reciprocal = (_reciprocal if interpret else _reciprocal_fast)(divisor)
-        reciprocal = jnp.where(divisor == 0, np.float32(0), reciprocal)
-        y = _bits(_from_bits(b) * reciprocal)
-        if rounding == "nearest":
-            elements = _round_nearest(y, element, 0, exact_subnormal=False, specials=True)
-        else:
-            elements = _round_generic(y, element, 0, rounding, random_bits)
-        out = _from_bits(elements) * divisor
+        tensor_pair = (ts_ref[0], ts_ref[1]) if has_tensor_scale else None
+        elements, _, divisor = quantize_float_scaled_tile(b, amax, fmt, rounding, random_bits,
+                                                          tensor_pair, interpret=interpret)
+        out = elements * divisor
     _store(o_ref, out.astype(o_ref.dtype), mask)
 
 
@@ -540,13 +559,17 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _tensor_amax_scale(x, fmt):
-    """The NVFP4 tensor scale (``qjax.quantize._tensor_scale``) and its reciprocal, by XLA."""
-    amax = _from_bits(jnp.max(_bits(x.astype(jnp.float32)) & _ABS))
+def tensor_scale_pair(amax, fmt):
+    """The NVFP4 tensor scale (``qjax.quantize._tensor_scale``) of a tensor whose max |x| is the
+    float32 scalar ``amax``, and its reciprocal, by XLA, as the ``(2,)`` operand the kernels read."""
     scale = amax * (np.float32(1) / np.float32(fmt.element.max * fmt.scaling.scale.float_encoding.max))
     scale = jnp.where(amax > 0, scale, np.float32(1))
     scale = jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))
     return jnp.stack([scale, _reciprocal(scale)])
+
+
+def _tensor_amax_scale(x, fmt):
+    return tensor_scale_pair(_from_bits(jnp.max(_bits(x.astype(jnp.float32)) & _ABS)), fmt)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12))

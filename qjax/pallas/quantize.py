@@ -142,24 +142,6 @@ def _fast_exponent_range(element):
     return -126 - element.emin + element.mantissa_bits, 127 - element.emax
 
 
-def _float_scale_value(amax_bits, fmt, tensor_reciprocal):
-    """The block scale of ``qjax.quantize._scale_from_stat`` for non-power-of-two scales, before
-    the tensor scale multiplies it (float32; NaN for blocks holding NaN/Inf)."""
-    element, encoding = fmt.element, fmt.scaling.scale
-    finite = amax_bits < _INF
-    target = _from_bits(amax_bits) * (np.float32(1) / np.float32(element.max))
-    if tensor_reciprocal is not None:
-        target = target * tensor_reciprocal
-    if encoding.name in ("fp32", "bf16"):
-        if encoding.name == "bf16":
-            target = _from_bits(FQ._round_generic(_bits(target), F.get("bf16").element, 0,
-                                                  "nearest", None, saturate=False))
-        return jnp.where(finite, jnp.where(target > 0, target, np.float32(1)), np.float32(np.nan))
-    grid = encoding.float_encoding
-    return _from_bits(FQ._round_generic(_bits(jnp.where(finite, target, np.float32(np.nan))),
-                                        grid, 0, "nearest", None))
-
-
 def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
             blocks, nan_code):
     refs = list(refs)
@@ -214,19 +196,10 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
             codes = jnp.where(divisor > 127, np.uint32(nan_code), codes)
         scale_code = _u32(jnp.where(divisor > 127, 255, divisor + 127))
     else:
-        if has_tensor_scale:
-            tensor_scale, tensor_reciprocal = ts_ref[0], ts_ref[1]
-        else:
-            tensor_scale = tensor_reciprocal = None
-        value = _float_scale_value(amax, fmt, tensor_reciprocal)
-        divisor = value if tensor_scale is None else value * tensor_scale
-        reciprocal = (FQ._reciprocal if interpret else FQ._reciprocal_fast)(divisor)
-        reciprocal = jnp.where(divisor == 0, np.float32(0), reciprocal)
-        y = _bits(_from_bits(b) * reciprocal)
-        if rounding == "nearest":
-            elements = FQ._round_nearest(y, element, 0, exact_subnormal=False, specials=True)
-        else:
-            elements = FQ._round_generic(y, element, 0, rounding, random_bits)
+        tensor_pair = (ts_ref[0], ts_ref[1]) if has_tensor_scale else None
+        elements, value, _ = FQ.quantize_float_scaled_tile(b, amax, fmt, rounding, random_bits,
+                                                           tensor_pair, interpret=interpret)
+        elements = _bits(elements)
         encoding = fmt.scaling.scale
         if encoding.name == "fp32":
             scale_code = _bits(value)
