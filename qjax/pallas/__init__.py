@@ -3,8 +3,9 @@
 ``fake_quant_pallas``: ``qjax.fake_quant`` of block-scaled formats (MX, int4, NVFP4) in one fused
 pass, bit-identical to it; ``quantize_pallas``: ``qjax.quantize`` of the block formats with
 float or integer elements, one pass, bit-identical. ``hadamard_fake_quant_pallas``: the
-(random) Hadamard rotation of a bf16 GEMM operand and its MX fake quantization in one pass (the
-backward operands of the mxfp4 and quartet recipes), against ``hadamard_fake_quant_reference``.
+(random) Hadamard rotation of a bf16 GEMM operand and its MX or NVFP4 fake quantization in one
+pass (two for NVFP4's tensor scale; the backward operands of the mxfp4 and quartet recipes, nvfp4's
+wgrad operands), against ``hadamard_fake_quant_reference``.
 ``scaled_matmul``: ``C = A·B`` from two block-scaled ``QArray``s
 with the scales applied inside the kernel, against ``scaled_matmul_reference``.
 ``packed_matmul``: ``x @ W`` for small M with W in packed 4-bit storage (``pack_weight``), against
