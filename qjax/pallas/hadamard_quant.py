@@ -136,7 +136,10 @@ def _kernel(*refs, fmt, rounding, scale_mode, prescale, length, inner, hadamard_
     refs = list(refs)
     x_ref, matrix_ref, o_ref = refs.pop(0), refs.pop(0), refs.pop()
     words_ref = refs.pop(0) if rounding == "stochastic" else None
-    ts_ref = refs.pop(0) if fmt.scaling.tensor_scale else None
+    tensor_pair = None
+    if fmt.scaling.tensor_scale:
+        ts_ref = refs.pop(0)
+        tensor_pair = (ts_ref[0], ts_ref[1])
     h, size = hadamard_block_size, fmt.block_size
     norm = np.float32(1 / math.sqrt(h))
     x = x_ref[...]
@@ -163,7 +166,6 @@ def _kernel(*refs, fmt, rounding, scale_mode, prescale, length, inner, hadamard_
             out = quantize_e8m0_tile(b, amax, fmt.element, scale_mode, rounding, prescale,
                                      random_bits)
         else:
-            tensor_pair = None if ts_ref is None else (ts_ref[0], ts_ref[1])
             elements, scale, divisor = quantize_float_scaled_tile(
                 b, amax, fmt, rounding, random_bits, tensor_pair, interpret=interpret)
             out = elements * (scale if split else divisor)
