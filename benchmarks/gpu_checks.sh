@@ -2,10 +2,10 @@
 # Every GPU check in one device call: the gpu-marked tests, the bit-exactness suite on the GPU,
 # and the benchmarks behind docs/benchmarks.md. Usage: bash benchmarks/gpu_checks.sh [part ...]
 # (parts: tests, fqtests, qtests, hqtests, bitexact, quantize, kernel, kernelaxis0, qkernel,
-# operands, matmul, fp8gemm, packed, mlp, mlptrace, optim, optimfused, optimcosts, lm, lmprofile,
-# lmunrolled, scaling, collectives; default: all but fqtests, qtests, hqtests, kernelaxis0,
-# operands, mlptrace, optimfused, optimcosts, lmprofile, lmunrolled and the parts that need >= 2
-# GPUs (nvidia-h200-x2): scaling, collectives).
+# nvfp4costs, operands, matmul, fp8gemm, packed, mlp, mlptrace, optim, optimfused, optimcosts, lm,
+# lmprofile, lmunrolled, scaling, collectives; default: all but fqtests, qtests, hqtests,
+# kernelaxis0, nvfp4costs, operands, mlptrace, optimfused, optimcosts, lmprofile, lmunrolled and
+# the parts that need >= 2 GPUs (nvidia-h200-x2): scaling, collectives).
 # Each part's whole output goes to $OUT/<part>.txt (default OUT: /tmp); its last lines are printed.
 # The whole gpu suite (`tests`) took more than 400 s on an H200 on 2026-12-04: give it a call of
 # its own (the device allows 600 s per command), or run the per-file parts.
@@ -33,6 +33,7 @@ for part in $parts; do
     kernelaxis0) timeout 200 python benchmarks/fake_quant_kernel.py --axis 0 --formats mxfp4,mxfp8 \
                    --configs 256x32x4,128x64x4,512x32x4,256x64x8,64x128x4,1024x32x8,128x32x4 2>&1 ;;
     qkernel) timeout 120 python benchmarks/quantize_kernel.py --formats mxfp4,mxfp8,nvfp4 2>&1 ;;
+    nvfp4costs) timeout 200 python benchmarks/nvfp4_kernel_costs.py 2>&1 ;;
     operands) timeout 200 python benchmarks/operand_costs.py --recipes mxfp4,nvfp4,fp8 2>&1 ;;
     fp8gemm) timeout -s INT 200 python benchmarks/fp8_gemm.py 2>&1 ;;
     packed) timeout 300 python benchmarks/packed_matmul.py --budget 240 2>&1 ;;

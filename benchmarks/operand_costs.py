@@ -7,9 +7,9 @@ For each recipe's GEMM operands (forward, dgrad, wgrad; lhs and rhs) of a bf16 (
 quantized along the last axis and along axis 0 (the wgrad layout), it times the operand as the
 quantized GEMM prepares it (upcast, Hadamard transform, quantization, narrowing to bf16: what
 `qjax.ops.dot_general` runs) and its parts on their own: the random bits of stochastic rounding,
-the Hadamard transform, the quantizer; for transformed operands also the unfused path
-(`use_kernels(False)`: XLA's rotation GEMM, then the quantizer) and the fused rotate-and-quantize
-kernel (`qjax.pallas.hadamard_quant`) at several tile sizes. Ratios are to `x * 2` on the same
+the Hadamard transform, the quantizer; XLA's path (`use_kernels(False)`: XLA's rotation GEMM and
+quantizer) beside each dispatched one, and the fused rotate-and-quantize kernel
+(`qjax.pallas.hadamard_quant`) at several tile sizes. Ratios are to `x * 2` on the same
 array in the same run.
 """
 
@@ -79,10 +79,10 @@ def main():
                         return G._operand(gemm, side, x, axis, signs, key, jnp.float32)[0]
 
                     add(f"{name} operand", what, axis, operand, x, key, signs)
+                    with qjax.use_kernels(False):  # traced inside: XLA's rotation and quantizer
+                        add(f"{name} operand, XLA", what, axis, operand, x, key, signs)
                     if gemm.transform is None:
                         continue
-                    with qjax.use_kernels(False):  # traced inside: XLA's rotation, then quantizer
-                        add(f"{name} operand, unfused", what, axis, operand, x, key, signs)
 
                     def quantizer(x, key, spec=spec, axis=axis):
                         return G._gemm_operand(x.astype(jnp.float32), spec, axis=axis, key=key)[0]

@@ -15,7 +15,7 @@ import pytest
 
 import qjax
 from qjax.pallas import fake_quant_pallas, supports
-from qjax.quantize import prescaled_fake_quant, round_to_element
+from qjax.quantize import _split_outer_scale, prescaled_fake_quant, round_to_element
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adversarial import families  # noqa: E402
@@ -109,6 +109,23 @@ def test_nvfp4_bit_identical():
     assert_bit_identical(out, qjax.fake_quant(jnp.asarray(x), "nvfp4"))
 
 
+@pytest.mark.parametrize("special", [None, np.nan, np.inf])
+def test_nvfp4_stochastic_bit_identical(special):
+    # The float-scaled SR path rounds with the shortcut shift of the E8M0 kernels and handles
+    # NaN itself; a NaN or Inf anywhere makes the tensor scale NaN and every element with it.
+    fams = families(np.random.default_rng(2))
+    x = np.concatenate([fams[n][:, :64] for n in ("nvfp4_ties", "outliers", "mixed_signs",
+                                                  "neg_zero", "zeros", "saturate")])
+    if special is not None:
+        x[7, 9] = special
+    key = jax.random.key(13)
+    out = interpret(jnp.asarray(x), "nvfp4", rounding="stochastic", key=key, block_rows=32,
+                    block_cols=64)
+    expected = qjax.fake_quant(jnp.asarray(x), "nvfp4", rounding="stochastic", key=key)
+    assert_bit_identical(out, expected)
+    assert np.isnan(np.asarray(out)).any() == (special is not None)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs(dtype):
     x = random_data((40, 256), dtype)
@@ -163,6 +180,31 @@ def test_non_last_axis_stochastic_and_nvfp4():
     z = jnp.asarray(z.copy())  # (64, rows): NVFP4 blocks of 16 along axis 0
     assert_bit_identical(interpret(z, "nvfp4", axis=0, block_rows=32, block_cols=32),
                          qjax.fake_quant(z, "nvfp4", axis=0))
+
+
+@pytest.mark.parametrize("axis,rounding", [(-1, "nearest"), (-1, "stochastic"), (0, "stochastic")])
+def test_nvfp4_split_tensor_scale(axis, rounding):
+    # The GEMM's factors (qjax.ops.dot_general dispatches this for NVFP4 operands): the values
+    # without the tensor scale, in bfloat16, and the tensor scale, as XLA's split computes them.
+    fams = families(np.random.default_rng(3))
+    x = np.concatenate([fams[n][:, :64] for n in ("nvfp4_ties", "outliers", "mixed_signs",
+                                                  "saturate")])
+    x = jnp.asarray(x if axis == -1 else x.T.copy())
+    key = jax.random.key(17) if rounding == "stochastic" else None
+    values, tensor_scale = fake_quant_pallas(x, "nvfp4", axis=axis, rounding=rounding, key=key,
+                                             out_dtype=jnp.bfloat16, split_tensor_scale=True,
+                                             interpret=True, block_rows=16, block_cols=32)
+    ref_values, ref_scale = _split_outer_scale(x, qjax.formats.get("nvfp4"), axis % 2, rounding,
+                                               key, "floor")
+    assert values.dtype == jnp.bfloat16 and tensor_scale.shape == (1, 1)
+    assert_bit_identical(values, ref_values.astype(jnp.bfloat16))
+    assert_bit_identical(tensor_scale, jnp.reshape(ref_scale, (1, 1)))
+    # Their product is fake_quant's value up to one float32 rounding (the order of the products).
+    np.testing.assert_allclose(values.astype(jnp.float32) * tensor_scale,
+                               qjax.fake_quant(x, "nvfp4", axis=axis, rounding=rounding, key=key),
+                               rtol=2.0**-23, atol=0)
+    with pytest.raises(ValueError, match="two-level"):
+        fake_quant_pallas(x, "mxfp4", split_tensor_scale=True, interpret=True)
 
 
 def test_block_length_must_divide_the_axis():
@@ -345,3 +387,45 @@ def test_gpu_prescaled(axis):
                                                         rounding=rounding, key=key,
                                                         out_dtype=jnp.bfloat16))(x)
         assert_bit_identical(narrow, expected.astype(jnp.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_gpu_nvfp4_split_tensor_scale(axis, rounding):
+    x = random_data((2048, 4096), jnp.bfloat16, seed=25)
+    key = jax.random.key(8) if rounding == "stochastic" else None
+    fmt = qjax.formats.get("nvfp4")
+    values, tensor_scale = jax.jit(lambda x: fake_quant_pallas(
+        x, fmt, axis=axis, rounding=rounding, key=key, out_dtype=jnp.bfloat16,
+        split_tensor_scale=True))(x)
+    ref_values, ref_scale = jax.jit(lambda x: _split_outer_scale(x, fmt, axis % 2, rounding, key,
+                                                                 "floor"))(x)
+    assert_bit_identical(values, ref_values.astype(jnp.bfloat16))
+    assert_bit_identical(tensor_scale, jnp.reshape(ref_scale, (1, 1)))
+
+
+@pytest.mark.gpu
+def test_gpu_nvfp4_gemm_operands_dispatch():
+    # The nvfp4 recipe's un-rotated operands (forward x and w, dgrad dy and w) go through the
+    # kernel, bit-identical to XLA's split: with a fixed cotangent only the GEMMs' summation
+    # order (and the wgrad operands' rotation kernel, tested in test_pallas_hadamard_quant)
+    # separates the results.
+    x = random_data((512, 1024), jnp.bfloat16, seed=27)
+    w = random_data((1024, 768), jnp.bfloat16, seed=28) * 0.05
+    dy = random_data((512, 768), jnp.bfloat16, seed=29)
+    key = jax.random.key(9)
+
+    def run(x, w):
+        y, vjp = jax.vjp(lambda x, w: qjax.ops.matmul(x, w, recipe="nvfp4", key=key), x, w)
+        return (y, *vjp(dy))
+
+    fused = jax.jit(run)
+    assert "fake_quant_nvfp4" in fused.lower(x, w).as_text()
+    with qjax.use_kernels(False):
+        unfused = jax.jit(run)
+        assert "fake_quant_nvfp4" not in unfused.lower(x, w).as_text()
+        expected = unfused(x, w)
+    for got, want, tolerance in zip(fused(x, w), expected, (1e-2, 1e-2, 6e-2)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)

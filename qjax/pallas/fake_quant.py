@@ -180,16 +180,18 @@ def _reciprocal(d):
     return _from_bits(jnp.where(abs_bits > _INF, _NAN, out))
 
 
-def _reciprocal_fast(d):
+def _reciprocal_fast(d, *, subnormal_possible=True):
     """``_reciprocal(d)`` bit for bit, per block, on the GPU: PTX ``rcp.rn.f32`` is the correctly
     rounded IEEE reciprocal (subnormals kept), which is what ``_reciprocal`` computes wherever the
     result is a normal number, zero, Inf or NaN (the NaN's payload differs but never reaches the
     output: every later use is a float multiply, which returns the canonical NaN). For ``d > 2**126``
-    the result is subnormal; tiles holding such a block (only possible with fp32 scales) take the
-    long division, whatever the GPU does with subnormal results."""
+    the result is subnormal; where the caller cannot rule that out (``subnormal_possible``), tiles
+    holding such a block take the long division, whatever the GPU does with subnormal results."""
     (fast,) = pltriton.elementwise_inline_asm(
         "rcp.rn.f32 $0, $1;", args=[d], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(d.shape, jnp.float32)])
+    if not subnormal_possible:
+        return fast
     abs_bits = _bits(d) & _ABS
     subnormal_result = jnp.max(_u32((abs_bits > np.uint32(0x7E800000)) & (abs_bits < _INF)))
     return lax.cond(subnormal_result > 0, _reciprocal, lambda d: fast, d)
@@ -397,11 +399,24 @@ def quantize_float_scaled_tile(b, amax, fmt, rounding, random_bits, tensor_pair,
     """
     tensor_scale, tensor_reciprocal = (None, None) if tensor_pair is None else tensor_pair
     value, divisor = _float_scale(amax, fmt, tensor_scale, tensor_reciprocal)
-    reciprocal = (_reciprocal if interpret else _reciprocal_fast)(divisor)
+    if interpret:
+        reciprocal = _reciprocal(divisor)
+    else:
+        # The divisor is at most about float32's max / element max (a tensor scale included),
+        # rounded up by at most a bf16 ulp: below 2**126, so 1/divisor is normal, for elements
+        # up to 4 or more (E2M1, int4).
+        largest = float(np.finfo(np.float32).max) / fmt.element.max * (1 + 2.0**-7)
+        reciprocal = _reciprocal_fast(divisor, subnormal_possible=largest >= 2.0**126)
     reciprocal = jnp.where(divisor == 0, np.float32(0), reciprocal)
     y = _bits(_from_bits(b) * reciprocal)
     if rounding == "nearest":
         elements = _round_nearest(y, fmt.element, 0, exact_subnormal=False, specials=True)
+    elif isinstance(fmt.element, F.FloatEncoding):
+        # At scale exponent 0 no block lies below 2**-127, so the shortcut's rounding shift is
+        # exact for float32 subnormals too; Inf saturates in it, NaN is handled here.
+        elements = _round_stochastic(y, fmt.element, 0, random_bits, exact_subnormal=False)
+        nan_code = np.uint32(0x7FC00000 if fmt.element.has_nan else 0)
+        elements = jnp.where((y & _ABS) > _INF, nan_code, elements)
     else:
         elements = _round_generic(y, fmt.element, 0, rounding, random_bits)
     return _from_bits(elements), value, divisor
@@ -513,7 +528,7 @@ def quantize_e8m0_tile(b, amax, element, scale_mode, rounding, prescale, random_
 
 
 def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interpret, rows,
-            blocks, inner, length, prescale):
+            blocks, inner, length, prescale, split):
     """One tile: ``(block_rows, blocks_per_tile, B)`` with the blocks along the last axis
     (``inner is None``), or ``(blocks_per_tile, B, block_inner)`` with the blocks along the middle
     axis (a non-last quantized axis, ``inner`` elements after it)."""
@@ -533,9 +548,9 @@ def _kernel(*refs, fmt, rounding, scale_mode, has_bits, has_tensor_scale, interp
         out = quantize_e8m0_tile(b, amax, element, scale_mode, rounding, prescale, random_bits)
     else:
         tensor_pair = (ts_ref[0], ts_ref[1]) if has_tensor_scale else None
-        elements, _, divisor = quantize_float_scaled_tile(b, amax, fmt, rounding, random_bits,
-                                                          tensor_pair, interpret=interpret)
-        out = elements * divisor
+        elements, scale, divisor = quantize_float_scaled_tile(b, amax, fmt, rounding, random_bits,
+                                                              tensor_pair, interpret=interpret)
+        out = elements * (scale if split else divisor)
     _store(o_ref, out.astype(o_ref.dtype), mask)
 
 
@@ -576,7 +591,7 @@ def _tensor_amax_scale(x, fmt):
 def _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps, num_stages,
                 interpret, axis, prescale, out_dtype):
     return _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                           num_stages, interpret, axis, prescale, out_dtype)
+                           num_stages, interpret, axis, prescale, out_dtype, False)
 
 
 @_fake_quant.defjvp
@@ -625,16 +640,17 @@ def tiled_operands(x, fmt, rounding, key, block_rows, block_cols, axis=-1):
     return grid, tile, operands, in_specs, m, inner
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12))
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
 def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
-                    num_stages, interpret, axis, prescale, out_dtype):
+                    num_stages, interpret, axis, prescale, out_dtype, split_tensor_scale):
     grid, tile, operands, in_specs, m, inner = tiled_operands(x, fmt, rounding, key, block_rows,
                                                               block_cols, axis)
     kernel = functools.partial(_kernel, fmt=fmt, rounding=rounding, scale_mode=scale_mode,
                                has_bits=rounding == "stochastic",
                                has_tensor_scale=fmt.scaling.tensor_scale, interpret=interpret,
                                rows=m, blocks=operands[0].shape[1], inner=inner,
-                               length=x.shape[axis], prescale=prescale)
+                               length=x.shape[axis], prescale=prescale,
+                               split=split_tensor_scale)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(operands[0].shape, out_dtype),
@@ -645,6 +661,8 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
         interpret=interpret,
         name=f"fake_quant_{fmt.name}",
     )(*operands)
+    if split_tensor_scale:  # the tensor scale pair is the last operand
+        return out.reshape(x.shape), operands[-1][0].reshape((1,) * x.ndim)
     return out.reshape(x.shape)
 
 
@@ -686,7 +704,7 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
                       scale_mode: str = "floor", block_rows: int | None = None,
                       block_cols: int | None = None, num_warps: int = DEFAULT_NUM_WARPS,
                       num_stages: int | None = None, interpret: bool = False, axis: int = -1,
-                      prescale: float = 1.0, out_dtype=None):
+                      prescale: float = 1.0, out_dtype=None, split_tensor_scale: bool = False):
     """``qjax.fake_quant(x, fmt, axis=axis, ...)`` as one fused Pallas kernel, bit for bit.
 
     Args:
@@ -712,10 +730,14 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
       prescale: E8M0 formats only: ``qjax.quantize.prescaled_fake_quant`` (scales from ``x``,
         elements from ``prescale * x``); 1 is ``qjax.fake_quant``.
       out_dtype: the result's dtype (default ``x``'s), written by the kernel.
+      split_tensor_scale: for a two-level format (NVFP4), return ``(elements * block scales,
+        tensor scale)`` (the tensor scale float32 of shape ``(1,) * x.ndim``), the factors a GEMM
+        multiplies (``qjax.quantize._split_outer_scale``), instead of their product. Not
+        differentiable.
 
     Returns:
-      An array of ``x``'s shape and ``out_dtype``. The derivative is the straight-through
-      estimator.
+      An array of ``x``'s shape and ``out_dtype`` (a pair with ``split_tensor_scale``). The
+      derivative is the straight-through estimator.
     """
     fmt = F.get(fmt)
     x = jnp.asarray(x)
@@ -725,6 +747,9 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
                          f"qjax.fake_quant.")
     if prescale != 1 and not fmt.scaling.scale.power_of_two:
         raise ValueError(f"prescale applies to E8M0-scaled formats; {fmt.name!r} is not one.")
+    if split_tensor_scale and not fmt.scaling.tensor_scale:
+        raise ValueError(f"split_tensor_scale needs a two-level format with a tensor scale "
+                         f"(nvfp4); {fmt.name!r} has none.")
     last = x.ndim == 0 or axis in (-1, x.ndim - 1)
     if block_rows is None:
         block_rows = DEFAULT_BLOCK_ROWS if last else DEFAULT_COLUMN_BLOCK_ROWS
@@ -732,8 +757,10 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
         block_cols = DEFAULT_BLOCK_COLS if last else fmt.block_size
     check_arguments(x, fmt, rounding, key, scale_mode, block_rows, block_cols,
                     caller="fake_quant_pallas", fallback="qjax.fake_quant", axis=axis)
+    out_dtype = x.dtype if out_dtype is None else np.dtype(out_dtype)
     if x.size == 0:
-        return x
+        empty = x.astype(out_dtype)
+        return (empty, jnp.ones((1,) * x.ndim, jnp.float32)) if split_tensor_scale else empty
     axis = axis % x.ndim
     size = fmt.block_size
     rows = math.prod(x.shape[:-1]) if axis == x.ndim - 1 else math.prod(x.shape[axis + 1:])
@@ -741,6 +768,9 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
     block_cols = min(block_cols, size * _next_power_of_two(x.shape[axis] // size))
     if rounding == "nearest":
         key = None
-    out_dtype = x.dtype if out_dtype is None else np.dtype(out_dtype)
+    if split_tensor_scale:
+        return _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols,
+                               num_warps, num_stages, interpret, axis, float(prescale), out_dtype,
+                               True)
     return _fake_quant(x, fmt, rounding, key, scale_mode, block_rows, block_cols, num_warps,
                        num_stages, interpret, axis, float(prescale), out_dtype)
