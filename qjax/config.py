@@ -1,10 +1,15 @@
 """Library-wide switches.
 
 ``use_kernels(False)`` makes every op that would dispatch to a fused Pallas kernel on the GPU
-(``qjax.fake_quant``, ``qjax.quantize``, the rotated bf16 operands of ``qjax.ops.dot_general``,
-the fused ``qjax.optim.adamw`` update) take its plain-JAX reference path instead: for debugging,
-for A/B comparisons and benchmarks. The choice is made when a function is traced, so it applies
-to functions traced (first called, or re-jitted) inside the context.
+(``qjax.fake_quant``, ``qjax.quantize``, the rotated bf16 and the NVFP4 operands of
+``qjax.ops.dot_general``, the fused ``qjax.optim.adamw`` update) take its plain-JAX reference path
+instead: for debugging, for A/B comparisons and benchmarks. The choice is made when a function is
+traced, so it applies to functions traced inside the context. JAX caches traces per Python function
+(``jax.jit(f)`` made twice shares them), so entering the context clears JAX's caches when it
+changes the setting: everything traced inside is traced afresh, and a function jitted and compiled
+inside keeps its kernel-free executable when called after it (A/B timing). A function first traced
+inside and jitted anew after the context may still reuse that trace: jit a fresh function there
+(``jax.jit(lambda *a: f(*a))``).
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ def use_kernels(enabled: bool) -> Iterator[None]:
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"use_kernels takes True or False, got {enabled!r}.")
+    changed = enabled != _KERNELS.get()
     token = _KERNELS.set(enabled)
+    if changed:
+        jax.clear_caches()
     try:
         yield
     finally:

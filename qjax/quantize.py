@@ -852,17 +852,19 @@ def prescaled_fake_quant(x: Float[Array, "..."], fmt: F.FormatLike, prescale: fl
 def _fused_kernel_applies(x, fmt, axis, any_axis: bool = False) -> bool:
     """Whether ``fake_quant`` and ``quantize`` run as one-pass Pallas kernels
     (``qjax.pallas.fake_quant`` / ``qjax.pallas.quantize``, bit identical): on a single GPU, for
-    E8M0-scaled block formats along an axis whose length the block divides: any axis for
-    ``fake_quant`` (``any_axis``), the last one for ``quantize``. Elsewhere XLA's passes (block
-    amax, then rounding and encoding) run. The kernels are bit-identical for the
-    float-scaled formats too (NVFP4, int4), but they are not dispatched yet: NVFP4 gains nothing
-    and int4 awaits a timing and a GPU check of its vmap/scan paths (docs/benchmarks.md). A
-    kernel on arrays sharded over several devices needs a ``shard_map``."""
+    E8M0-scaled block formats and two-level ones (NVFP4: the tensor amax is an XLA reduction
+    before the kernel) along an axis whose length the block divides: any axis for ``fake_quant``
+    (``any_axis``), the last one for ``quantize``. Elsewhere XLA's passes (block amax, then
+    rounding and encoding) run. The kernels are bit-identical for the other float-scaled formats
+    too (int4's bf16 scales), but int4 awaits a timing and a GPU check of its vmap/scan paths
+    (docs/benchmarks.md). A kernel on arrays sharded over several devices needs a
+    ``shard_map``."""
     if not single_gpu():
         return False
     from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on this module
 
-    return (kernel.supports(fmt) and fmt.scaling.scale.power_of_two and x.ndim >= 1
+    return (kernel.supports(fmt) and (fmt.scaling.scale.power_of_two or fmt.scaling.tensor_scale)
+            and x.ndim >= 1
             and x.size > 0 and x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
             and (any_axis or axis in (-1, x.ndim - 1)) and x.shape[axis] % fmt.block_size == 0)
 

@@ -326,12 +326,13 @@ def test_gpu_non_last_axis(fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
 @pytest.mark.parametrize("axis", [0, 1, -1])
-def test_gpu_fake_quant_dispatches_along_any_axis(axis):
+def test_gpu_fake_quant_dispatches_along_any_axis(axis, fmt):
     x = random_data((64, 64, 96), jnp.bfloat16, seed=17)
-    fn = jax.jit(lambda x: qjax.fake_quant(x, "mxfp8", axis=axis))
+    fn = jax.jit(lambda x: qjax.fake_quant(x, fmt, axis=axis))
     assert "triton" in fn.lower(x).as_text().lower()
-    assert_bit_identical(fn(x), reference(x, "mxfp8", axis=axis))
+    assert_bit_identical(fn(x), reference(x, fmt, axis=axis))
 
 
 @pytest.mark.parametrize("axis", [-1, 0])

@@ -247,7 +247,7 @@ def test_gpu_stochastic_and_odd_shapes(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["mxfp4", "mxint8"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxint8", "nvfp4"])
 def test_gpu_quantize_dispatches_to_the_kernel(fmt):
     x = random_data((256, 512), jnp.bfloat16, seed=2)
     text = jax.jit(lambda x: qjax.quantize(x, fmt)).lower(x).as_text().lower()
@@ -267,3 +267,20 @@ def test_use_kernels_switch_is_validated_and_restored():
     with pytest.raises(TypeError, match="True or False"):
         with qjax.use_kernels("no"):
             pass
+
+
+def test_use_kernels_retraces_functions_traced_before():
+    # jax.jit(f) made twice shares f's cached trace: the switch must not be ignored by it, and a
+    # function compiled inside keeps its kernel-free executable after it (the A/B benchmarks).
+    def f(x):
+        return x * (2.0 if qjax.config.kernels_enabled() else 3.0)
+
+    fast = jax.jit(f)
+    assert float(fast(1.0)) == 2.0
+    with qjax.use_kernels(False):
+        reference = jax.jit(f)
+        assert float(reference(1.0)) == 3.0
+        with qjax.use_kernels(False):  # no change, nothing cleared
+            assert float(jax.jit(f)(1.0)) == 3.0
+    assert float(reference(1.0)) == 3.0
+    assert float(jax.jit(lambda x: f(x))(1.0)) == 2.0
