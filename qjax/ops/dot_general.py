@@ -43,8 +43,8 @@ from jaxtyping import Array, Float, Key
 from qjax import estimators as E
 from qjax.config import kernels_enabled, single_gpu
 from qjax import formats as F
-from qjax.quantize import (_split_outer_scale, fake_quant, prescaled_fake_quant,
-                           round_to_element, stochastic_bits)
+from qjax.quantize import (_fused_kernel_applies, _split_outer_scale, fake_quant,
+                           prescaled_fake_quant, round_to_element, stochastic_bits)
 from qjax import recipes as R
 from qjax import transforms as T
 
@@ -136,11 +136,8 @@ def _gemm_operand(x, spec: R.OperandSpec, *, axis: int, key):
                                               spec.scale_mode)
         return _narrow(values, spec), outer
     if fmt.bf16_gemm == "outer_scale":
-        if _split_kernel_applies(x, fmt, axis):
-            return _split_by_kernel(x, fmt, axis % x.ndim, spec.rounding, key, spec.scale_mode)
-        values, outer = _split_outer_scale(x, fmt, axis % x.ndim, spec.rounding, key,
-                                           spec.scale_mode)
-        return values.astype(jnp.bfloat16), outer
+        split = _split_by_kernel if _split_kernel_applies(x, fmt, axis) else _split_narrowed
+        return split(x, fmt, axis % x.ndim, spec.rounding, key, spec.scale_mode)
     values = fake_quant(x, fmt, axis=axis, rounding=spec.rounding, key=key,
                         scale_mode=spec.scale_mode)
     return _narrow(values, spec), None
@@ -148,25 +145,22 @@ def _gemm_operand(x, spec: R.OperandSpec, *, axis: int, key):
 
 def _split_kernel_applies(x, fmt: F.Format, axis) -> bool:
     """Whether a two-level operand (NVFP4) is quantized and split by the fused fake-quant kernel
-    (``qjax.pallas.fake_quant``, bit-identical to XLA's on the GPU): on a single GPU, along an
-    axis whose length the block divides. Sharded operands would need a ``shard_map`` around it."""
-    if not (fmt.scaling.tensor_scale and kernels_enabled() and single_gpu()):
-        return False
-    from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on the quantizers
+    (``qjax.pallas.fake_quant``, bit-identical to XLA's on the GPU): where ``qjax.fake_quant``
+    would run that kernel."""
+    return (fmt.scaling.tensor_scale and kernels_enabled()
+            and _fused_kernel_applies(x, fmt, axis, any_axis=True))
 
-    return (kernel.supports(fmt) and x.size > 0
-            and x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
-            and x.shape[axis] % fmt.block_size == 0)
+
+def _split_narrowed(x, fmt: F.Format, axis, rounding, key, scale_mode):
+    """``_split_outer_scale`` with the values narrowed to bfloat16 (exact for ``outer_scale``
+    formats)."""
+    values, outer = _split_outer_scale(x, fmt, axis, rounding, key, scale_mode)
+    return values.astype(jnp.bfloat16), outer
 
 
 def _split_by_kernel(x, fmt: F.Format, axis, rounding, key, scale_mode):
-    """``_split_outer_scale`` with the values narrowed to bfloat16 (exact for ``outer_scale``
-    formats), by the fused kernel on CUDA, by XLA elsewhere."""
-    from qjax.pallas import fake_quant as kernel
-
-    def xla(x, key):
-        values, outer = _split_outer_scale(x, fmt, axis, rounding, key, scale_mode)
-        return values.astype(jnp.bfloat16), outer
+    """:func:`_split_narrowed` by the fused kernel on CUDA, by XLA elsewhere."""
+    from qjax.pallas import fake_quant as kernel  # lazy: qjax.pallas builds on the quantizers
 
     # Chosen when lowering for the platform the data is on (as in qjax.quantize).
     return lax.platform_dependent(
@@ -174,7 +168,7 @@ def _split_by_kernel(x, fmt: F.Format, axis, rounding, key, scale_mode):
         cuda=lambda x, key: kernel.fake_quant_pallas(
             x, fmt, axis=axis, rounding=rounding, key=key, scale_mode=scale_mode,
             out_dtype=jnp.bfloat16, split_tensor_scale=True),
-        default=xla)
+        default=lambda x, key: _split_narrowed(x, fmt, axis, rounding, key, scale_mode))
 
 
 def _narrow(values, spec: R.OperandSpec):

@@ -669,6 +669,13 @@ def _fake_quant_jit(x, fmt, rounding, key, scale_mode, block_rows, block_cols, n
     return out.reshape(x.shape)
 
 
+def check_split_tensor_scale(fmt: F.Format, split_tensor_scale: bool) -> None:
+    """ValueError where ``split_tensor_scale`` is asked of a format without a tensor scale."""
+    if split_tensor_scale and not fmt.scaling.tensor_scale:
+        raise ValueError(f"split_tensor_scale needs a two-level format with a tensor scale "
+                         f"(nvfp4); {fmt.name!r} has none.")
+
+
 def check_arguments(x, fmt: F.Format, rounding, key, scale_mode, block_rows, block_cols, *,
                     caller: str, fallback: str, axis: int = -1) -> None:
     """The argument checks of the fused kernels (:func:`fake_quant_pallas` and
@@ -750,9 +757,7 @@ def fake_quant_pallas(x, fmt: F.FormatLike, *, rounding: str = "nearest", key=No
                          f"qjax.fake_quant.")
     if prescale != 1 and not fmt.scaling.scale.power_of_two:
         raise ValueError(f"prescale applies to E8M0-scaled formats; {fmt.name!r} is not one.")
-    if split_tensor_scale and not fmt.scaling.tensor_scale:
-        raise ValueError(f"split_tensor_scale needs a two-level format with a tensor scale "
-                         f"(nvfp4); {fmt.name!r} has none.")
+    check_split_tensor_scale(fmt, split_tensor_scale)
     last = x.ndim == 0 or axis in (-1, x.ndim - 1)
     if block_rows is None:
         block_rows = DEFAULT_BLOCK_ROWS if last else DEFAULT_COLUMN_BLOCK_ROWS

@@ -41,8 +41,9 @@ from jax.experimental.pallas import triton as pltriton
 
 from qjax import formats as F
 from qjax import transforms as T
-from qjax.pallas.fake_quant import (_ABS, _bits, _from_bits, _u32, quantize_e8m0_tile,
-                                    quantize_float_scaled_tile, tensor_scale_pair)
+from qjax.pallas.fake_quant import (_ABS, _bits, _from_bits, _u32, check_split_tensor_scale,
+                                    quantize_e8m0_tile, quantize_float_scaled_tile,
+                                    tensor_scale_pair)
 from qjax.quantize import (_check_arguments, _split_outer_scale, check_counter_range,
                            counter_bits, fake_quant, prescaled_fake_quant, stream_words)
 
@@ -104,9 +105,7 @@ def _check_split(fmt: F.Format, prescale, split_tensor_scale):
     if not fmt.scaling.scale.power_of_two and prescale != 1:
         raise ValueError(f"prescale applies to E8M0-scaled formats; {fmt.name!r} has "
                          f"{fmt.scaling.scale.name} scales: use prescale=1.")
-    if split_tensor_scale and not fmt.scaling.tensor_scale:
-        raise ValueError(f"split_tensor_scale needs a two-level format with a tensor scale "
-                         f"(nvfp4); {fmt.name!r} has none.")
+    check_split_tensor_scale(fmt, split_tensor_scale)
 
 
 def _rotated_tile(x, matrix_ref, inner, cols=slice(None)):
