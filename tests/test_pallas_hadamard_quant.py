@@ -59,10 +59,17 @@ def assert_bit_identical(actual, expected):
 RECIPE_OPTIONS = {"mxfp4": dict(prescale=0.75), "nvfp4": dict(split_tensor_scale=True)}
 
 
-def assert_same_operand(actual, expected):
+def assert_same_operand(actual, expected, tensor_scale_ulps=0):
+    """``tensor_scale_ulps``: how far the tensor scale may be from the reference's where the
+    rotation's sums are inexact (the kernel's dots add in another order, so the amax may differ
+    in its last bit; the E4M3 block scales absorb that one ulp)."""
     if isinstance(expected, tuple):  # (elements * block scales, tensor scale)
         assert actual[1].shape == expected[1].shape == (1,) * actual[0].ndim
-        assert_bit_identical(actual[1], expected[1])
+        if tensor_scale_ulps:
+            np.testing.assert_array_max_ulp(np.asarray(actual[1]), np.asarray(expected[1]),
+                                            maxulp=tensor_scale_ulps)
+        else:
+            assert_bit_identical(actual[1], expected[1])
         actual, expected = actual[0], expected[0]
     assert actual.dtype == jnp.bfloat16 and actual.shape == expected.shape
     assert_bit_identical(actual, expected)
@@ -79,7 +86,8 @@ def test_bit_identical(shape, axis, h, rounding, data, fmt):
     options = dict(hadamard_block_size=h, signs=signs, axis=axis, rounding=rounding, key=key,
                    **RECIPE_OPTIONS[fmt])
     assert_same_operand(interpret(x, fmt, block_rows=16, **options),
-                        reference(x, fmt, **options))
+                        reference(x, fmt, **options),
+                        tensor_scale_ulps=0 if data is integers else 1)
 
 
 @pytest.mark.parametrize("axis", [-1, 0])
