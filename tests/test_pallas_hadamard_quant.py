@@ -62,7 +62,8 @@ RECIPE_OPTIONS = {"mxfp4": dict(prescale=0.75), "nvfp4": dict(split_tensor_scale
 def assert_same_operand(actual, expected, tensor_scale_ulps=0):
     """``tensor_scale_ulps``: how far the tensor scale may be from the reference's where the
     rotation's sums are inexact (the kernel's dots add in another order, so the amax may differ
-    in its last bit; the E4M3 block scales absorb that one ulp)."""
+    in its last bit). The elements are held bit-identical either way: one ulp of the tensor scale
+    can re-round an E4M3 block scale (docs/numerics.md), which these inputs do not hit."""
     if isinstance(expected, tuple):  # (elements * block scales, tensor scale)
         assert actual[1].shape == expected[1].shape == (1,) * actual[0].ndim
         if tensor_scale_ulps:
