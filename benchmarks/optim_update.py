@@ -142,6 +142,7 @@ def variants():
     f32, bf16 = jnp.float32, jnp.bfloat16
     lr = 1e-4
     int8_sr = lambda: qo.adamw(lr, state_fmt="int8", params="bf16_sr", fused=False)
+    fp8_sr = lambda: qo.adamw(lr, state_fmt="fp8", params="bf16_sr", fused=False)
     return [
         ("optax.adamw fp32", lambda: optax.adamw(lr), f32, f32),
         ("qjax adamw (no options)", lambda: qo.adamw(lr), f32, f32),
@@ -160,7 +161,10 @@ def variants():
                                                      state_rounding="nearest"), bf16, bf16),
         ("int8 nearest + bf16 RTN", lambda: qo.adamw(lr, state_fmt="int8", params="bf16",
                                                       state_rounding="nearest"), bf16, bf16),
-        ("fp8 state + bf16_sr", lambda: qo.adamw(lr, state_fmt="fp8", params="bf16_sr"), bf16, bf16),
+        ("fp8 state + bf16_sr", fp8_sr, bf16, bf16),  # the composable chain
+        ("fp8 state + bf16_sr (fused kernel)",
+         lambda: qo.adamw(lr, state_fmt="fp8", params="bf16_sr", fused=True), bf16, bf16),
+        ("fp8 fused kernel only", fp8_sr, bf16, bf16, kernel_only_step(Config())),
         ("fp8 state, fp32 params", lambda: qo.adamw(lr, state_fmt="fp8"), f32, f32),
         ("int4 state + bf16_sr", lambda: qo.adamw(lr, state_fmt="int4", params="bf16_sr"), bf16, bf16),
         ("int8 state + bf16_kahan", lambda: qo.adamw(lr, state_fmt="int8", params="bf16_kahan"), bf16, bf16),

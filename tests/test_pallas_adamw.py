@@ -1,7 +1,8 @@
-"""Tests of the fused AdamW kernel with int8 moments (qjax.pallas.adamw_8bit) and its dispatch.
+"""Tests of the fused AdamW kernel with int8 or fp8 moments (qjax.pallas.adamw_8bit) and its dispatch.
 
 On CPU the kernel runs in the Pallas interpreter on small shapes; the tests marked ``gpu`` compile
-it with Triton and compare it with the reference run on the CPU, bit for bit.
+it with Triton and compare it with the reference run on the CPU (int8: bit for bit; fp8: to the
+last bits of ``pow`` and ``log2``, see the tests).
 """
 
 import dataclasses
@@ -10,23 +11,25 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 
 import qjax.optim as qo
 from qjax.optim import codes
+from qjax.optim import state as S
 from qjax.pallas import adamw_8bit as K
 
 TABLES = {False: codes.dynamic_code(8, True), True: codes.dynamic_code(8, False)}  # by `unsigned`
 
 
-def _inputs(shape, seed, param_dtype=jnp.bfloat16):
+def _inputs(shape, seed, param_dtype=jnp.bfloat16, fmt="int8"):
     ks = jax.random.split(jax.random.key(seed), 6)
     g = jax.random.normal(ks[0], shape) * 1e-3
     p = (jax.random.normal(ks[1], shape) * 0.02).astype(param_dtype)
-    mu = qo.quantize_tensor(jax.random.normal(ks[2], shape) * 1e-3, "int8")
-    nu = qo.quantize_tensor(jax.random.normal(ks[3], shape) ** 2 * 1e-6, "int8")
+    mu = qo.quantize_tensor(jax.random.normal(ks[2], shape) * 1e-3, fmt)
+    nu = qo.quantize_tensor(jax.random.normal(ks[3], shape) ** 2 * 1e-6, fmt)
     h = K.hyperparameters(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, neg_lr=-1e-3,
                           count_inc=jnp.int32(7), decay_dtype=param_dtype)
     words = jax.random.bits(ks[4], (4,), jnp.uint32)
@@ -35,7 +38,8 @@ def _inputs(shape, seed, param_dtype=jnp.bfloat16):
 
 
 def _as_bytes(x):
-    return np.asarray(x).view(np.uint8) if x.dtype == jnp.bfloat16 else np.asarray(x)
+    x = np.asarray(x)
+    return x.view(np.uint8) if x.dtype in (jnp.bfloat16, jnp.float8_e4m3fn) else x
 
 
 def _assert_identical(a, b):
@@ -119,6 +123,57 @@ def test_encode_rounds_to_a_neighbour_without_bias(unsigned):
     assert np.all(np.abs(z) < 5.5), (z.max(), x[np.argmax(np.abs(z))])
 
 
+def test_fp8_decode_and_code_are_exact_for_every_e4m3_code():
+    c = np.arange(256, dtype=np.uint8)
+    want = c.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got = np.asarray(jax.jit(K.decode_fp8)(jnp.asarray(c)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    codes_back = np.asarray(jax.jit(K._fp8_code)(jnp.asarray(want)))
+    np.testing.assert_array_equal(codes_back[finite], c[finite])  # -0 included
+    assert set(codes_back[~finite]) == {0x7F}
+
+
+def _fp8_blocks(seed):
+    """Moment-like blocks of 256: signed ones, non-negative ones (COAT's range expansion), and the
+    edge cases: all zero, one zero, one distinct magnitude, a single nonzero, a subnormal spread."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((24, 256)).astype(np.float32) * 1e-3
+    x[:12] = x[:12] ** 2
+    x[12] = 0
+    x[13, 7] = 0
+    x[14] = 2.5e-4
+    x[15, 1:] = 0
+    x[16] = np.abs(x[16]) * 10.0 ** rng.uniform(-12, 0, 256)  # a range beyond E4M3's
+    return jnp.asarray(x)
+
+
+def test_fp8_encoding_is_the_composable_paths():
+    """Given the same random bits, the kernel's fp8 encoding picks the same codes, block scales
+    and COAT exponents as ``qjax.optim.quantize_tensor`` (on the CPU, bit for bit), and its
+    decoding agrees with ``dequantize_tensor`` to float32 rounding (XLA turns the chain's
+    divisions by 448 into products with a rounded reciprocal; the kernel divides)."""
+    x = _fp8_blocks(0)
+    bits = jax.random.bits(jax.random.key(3), x.shape, jnp.uint32)
+    absmax, nonnegative = jnp.max(jnp.abs(x), -1), jnp.all(x >= 0, -1)
+    want_q, want_info = jax.jit(S._encode_fp8)(x, absmax, nonnegative, bits)
+    codes_, scales, info = jax.jit(lambda x, b: K._encode_moment(
+        x, None, b, True, "fp8", None, K._Ops(False)))(x, bits)
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(absmax))
+    np.testing.assert_array_equal(np.asarray(info), np.asarray(want_info))
+    assert set(np.asarray(info)[:12].tolist()) - {8}  # the range expansion is exercised
+    np.testing.assert_array_equal(np.asarray(codes_),
+                                  np.asarray(want_q.astype(jnp.float8_e4m3fn)).view(np.uint8))
+    q = S.QuantizedTensor(codes_.view(jnp.float8_e4m3fn)[:, None, :].reshape(x.shape),
+                          scales[:, None], info[:, None], "fp8", x.shape, np.dtype(np.float32), 256)
+    want = np.asarray(S.dequantize_tensor(q))
+    got = np.asarray(jax.jit(lambda c, s, i: K._decode_fp8_moment(
+        c, s[:, None], i[:, None].astype(jnp.float32), K._Ops(False)))(codes_, scales, info))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    assert np.all(got[np.asarray(x) > 0] > 0)  # the guard: positive moments stay positive
+
+
 def test_weight_rounding_is_unbiased_over_keys():
     shape = (1, 256)
     g, p, mu, nu, h, _ = _inputs(shape, 0)
@@ -165,14 +220,16 @@ def test_reference_step_is_ieee_float32_as_in_numpy():
 # --------------------------------------------------------------------------- kernel vs reference
 
 
-@pytest.mark.parametrize("shape,blocks,mode,decode", [
-    ((8, 1024), 4, "bf16_sr", "arith"),   # whole tiles
-    ((5, 300), 4, "bf16_sr", "gather"),   # a ragged last block; 10 blocks: a partial last tile
-    ((3, 100), 8, "fp32", "arith"),       # a tensor row smaller than one block (block = 100)
+@pytest.mark.parametrize("shape,blocks,mode,decode,fmt", [
+    ((8, 1024), 4, "bf16_sr", "arith", "int8"),   # whole tiles
+    ((5, 300), 4, "bf16_sr", "gather", "int8"),   # a ragged last block; 10 blocks: a partial last tile
+    ((3, 100), 8, "fp32", "arith", "int8"),       # a tensor row smaller than one block (block = 100)
+    ((2, 1024), 4, "bf16_sr", "gather", "fp8"),
+    ((5, 300), 2, "fp32", "gather", "fp8"),
 ])
-def test_kernel_matches_reference_bit_for_bit(shape, blocks, mode, decode):
+def test_kernel_matches_reference_bit_for_bit(shape, blocks, mode, decode, fmt):
     dtype = jnp.bfloat16 if mode == "bf16_sr" else jnp.float32
-    g, p, mu, nu, h, keys = _inputs(shape, sum(shape), dtype)
+    g, p, mu, nu, h, keys = _inputs(shape, sum(shape), dtype, fmt)
     config = K.AdamwKernelConfig(blocks_per_program=blocks, decode=decode)
     decay_bf16 = mode == "bf16_sr"
     got = K.adamw_8bit_pallas(g, p, mu, nu, h, keys, param_mode=mode, decay_bf16=decay_bf16, config=config,
@@ -183,8 +240,13 @@ def test_kernel_matches_reference_bit_for_bit(shape, blocks, mode, decode):
     # the moments are those of Adam (to the int8 rounding)
     m = qo.dequantize_tensor(got[1])
     exact = 0.1 * g + 0.9 * qo.dequantize_tensor(mu)
-    assert float(jnp.max(jnp.abs(m - exact))) < 0.03 * float(jnp.max(jnp.abs(exact)))
-    assert np.all(np.asarray(got[2].block_info) == 1)  # second moments: unsigned blocks
+    tolerance = 0.03 if fmt == "int8" else 0.07  # the block max times half E4M3's top gap
+    assert float(jnp.max(jnp.abs(m - exact))) < tolerance * float(jnp.max(jnp.abs(exact)))
+    info = np.asarray(got[2].block_info)
+    if fmt == "int8":
+        assert np.all(info == 1)  # second moments: unsigned blocks
+    else:
+        assert set(info.ravel()) - {8} and got[2].codes.dtype == jnp.float8_e4m3fn  # COAT's k
 
 
 def test_in_place_update_of_donated_buffers_gives_the_same_step():
@@ -212,8 +274,12 @@ def test_bad_arguments_name_the_choices():
         K.adamw_8bit_pallas(g, p, mu, nu, h, keys, param_mode="fp16")
     with pytest.raises(ValueError, match="bfloat16 params"):
         K.adamw_8bit_pallas(g, p.astype(jnp.float32), mu, nu, h, keys)
-    with pytest.raises(ValueError, match="int8 QuantizedTensor"):
-        K.adamw_8bit_pallas(g, p, dataclasses.replace(mu, fmt="fp8"), nu, h, keys)
+    with pytest.raises(ValueError, match="int8 or fp8 QuantizedTensor"):
+        K.adamw_8bit_pallas(g, p, qo.quantize_tensor(jnp.zeros((2, 256)), "int4"), nu, h, keys)
+    with pytest.raises(ValueError, match="int8 or fp8 QuantizedTensor"):
+        K.adamw_8bit_pallas(g, p, dataclasses.replace(mu, fmt="fp8"), nu, h, keys)  # uint8 codes
+    with pytest.raises(ValueError, match="same format"):
+        K.adamw_8bit_pallas(g, p, mu, qo.quantize_tensor(jnp.zeros((2, 256)), "fp8"), h, keys)
     with pytest.raises(ValueError, match="power of two"):
         K.AdamwKernelConfig(blocks_per_program=3)
     with pytest.raises(ValueError, match="'arith', 'gather'"):
@@ -231,7 +297,7 @@ def _params():
 
 
 def test_default_adamw_runs_the_chain_off_the_gpu():
-    params = _params()
+    params = {"w": _params()["w"]}
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
     default = qo.adamw(0.1, state_fmt="int8", params="bf16_sr")
     chain = qo.adamw(0.1, state_fmt="int8", params="bf16_sr", fused=False)
@@ -244,18 +310,20 @@ def test_default_adamw_runs_the_chain_off_the_gpu():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_fused_adamw_keeps_the_state_pytree_and_interoperates():
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fused_adamw_keeps_the_state_pytree_and_interoperates(fmt):
     params = _params()
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
     mask = {"w": True, "v": True, "b": False}
-    fused = qo.adamw(0.1, state_fmt="int8", params="bf16_sr", mask=mask, fused=True)
-    plain = qo.adamw(0.1, state_fmt="int8", params="bf16_sr", mask=mask, fused=False)
+    fused = qo.adamw(0.1, state_fmt=fmt, params="bf16_sr", mask=mask, fused=True)
+    plain = qo.adamw(0.1, state_fmt=fmt, params="bf16_sr", mask=mask, fused=False)
     s0 = jax.jit(plain.init)(params)
     fused_step, plain_step = jax.jit(fused.update), jax.jit(plain.update)
     u, s1 = fused_step(grads, s0, params)
     assert jax.tree.structure(s1) == jax.tree.structure(s0)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0)):
         assert a.shape == b.shape and a.dtype == b.dtype
+    assert s1[0].inner_state.mu["w"].fmt == fmt
     assert int(s1[0].inner_state.count) == 1
     assert not np.array_equal(np.asarray(s1[0].key), np.asarray(s0[0].key))
     assert not np.array_equal(np.asarray(s1[3].key), np.asarray(s0[3].key))
@@ -295,12 +363,12 @@ def _task():
 
 
 @functools.cache
-def _train_runs(steps=40):
+def _train_runs(fmt="int8", steps=40):
     params, loss = _task()
     bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     out = {"initial": float(loss(bf16))}
     for name, fused in (("fused", True), ("chain", False)):
-        opt = qo.adamw(3e-3, state_fmt="int8", params="bf16_sr", fused=fused)
+        opt = qo.adamw(3e-3, state_fmt=fmt, params="bf16_sr", fused=fused)
 
         def step(carry, _, opt=opt):
             p, s = carry
@@ -349,4 +417,48 @@ def test_gpu_adamw_dispatches_to_the_kernel_and_trains():
     text = jax.jit(opt.update).lower(grads, jax.jit(opt.init)(params), params).as_text()
     assert "triton" in text.lower()  # the Pallas kernel's custom call
     r = _train_runs()
+    assert abs(r["fused"] / r["chain"] - 1) < 0.03, r
+
+
+def _mismatch_fraction(a, b):
+    return float(np.mean(_as_bytes(a) != _as_bytes(b)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,mode", [((64, 4096), "bf16_sr"), ((33, 1000), "bf16_sr"),
+                                        ((16, 2048), "fp32")])
+def test_gpu_fp8_kernel_agrees_with_the_reference_on_cpu(shape, mode):
+    """fp8 decodes with ``pow`` and picks COAT's k with ``log2``: CUDA's libdevice and XLA:CPU
+    round those differently in the last bits, so a code, a weight's stochastic rounding or a
+    block's k may come out the other way where the value sits on a boundary (rare); everything
+    else is IEEE arithmetic, as in the int8 kernel."""
+    dtype = jnp.bfloat16 if mode == "bf16_sr" else jnp.float32
+    args = _inputs(shape, 11, dtype, "fp8")
+    kw = dict(param_mode=mode, decay_bf16=mode == "bf16_sr")
+    got = jax.device_get(K.adamw_8bit_pallas(*args, **kw))
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        want = jax.device_get(jax.jit(functools.partial(K.adamw_8bit_reference, **kw))(
+            *jax.device_put(args, cpu)))
+    w_got, w_want = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+    assert _mismatch_fraction(got[0], want[0]) < 1e-3
+    np.testing.assert_allclose(w_got, w_want, rtol=2**-7 if mode == "bf16_sr" else 1e-5, atol=1e-30)
+    for g, w in zip(got[1:], want[1:]):
+        assert _mismatch_fraction(g.codes, w.codes) < 1e-3
+        assert np.mean(np.asarray(g.block_info) == np.asarray(w.block_info)) > 0.99
+        np.testing.assert_allclose(np.asarray(g.scales), np.asarray(w.scales), rtol=1e-5)
+        close = np.isclose(np.asarray(qo.dequantize_tensor(g)), np.asarray(qo.dequantize_tensor(w)),
+                           rtol=1e-5, atol=0)
+        assert np.mean(~close) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_fused_adamw_trains_like_the_chain():
+    params = _params()
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    opt = qo.adamw(0.1, state_fmt="fp8", params="bf16_sr", fused=True)
+    text = jax.jit(opt.update).lower(grads, jax.jit(opt.init)(params), params).as_text()
+    assert "triton" in text.lower()
+    r = _train_runs("fp8")
+    assert r["chain"] < 0.3 * r["initial"], r
     assert abs(r["fused"] / r["chain"] - 1) < 0.03, r

@@ -102,9 +102,9 @@ def test_params_and_optimizer_state_are_sharded_as_claimed():
 
 
 @needs_8
-# mxfp4 at fp8's tolerance, for the reason given in the scanned test below: 3.5e-4 after 5 steps
-# with JAX 0.12.1 on the CPU (2026-12-06; it was within 2e-4 before).
-@pytest.mark.parametrize("recipe,tolerance", [("bf16", 2e-5), ("fp8", 5e-4), ("mxfp4", 5e-4)])
+# (mxfp4, sharded against unsharded: the scanned test below; fp8 has per-tensor scales, whose
+# amax the sharded model reduces across devices.)
+@pytest.mark.parametrize("recipe,tolerance", [("bf16", 2e-5), ("fp8", 5e-4)])
 def test_sharded_training_gives_the_unsharded_loss_curve(recipe, tolerance):
     corpus = _corpus()
     alone = T.train_recipe(recipe, CONFIG, corpus, verbose=False)

@@ -16,6 +16,8 @@ from qjax.optim.state import STATE_FORMATS, QuantizedTensor, quantize_state
 ParamsOption = Literal["bf16", "bf16_sr", "bf16_kahan"]
 PARAMS_OPTIONS: tuple[str, ...] = ("bf16", "bf16_sr", "bf16_kahan")
 _MODE = {"bf16": "nearest", "bf16_sr": "sr", "bf16_kahan": "kahan"}
+FUSED_STATE_FORMATS: tuple[str, ...] = ("int8", "fp8")  # what the fused kernel handles
+FUSED_BY_DEFAULT: tuple[str, ...] = ("int8",)  # chosen by fused=None on a GPU
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
@@ -102,9 +104,9 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
 
     links = make_links(mask)
     chain = optax.chain(*links)
-    fusable = (state_fmt == "int8" and state_rounding == "stochastic"
+    fusable = (state_fmt in FUSED_STATE_FORMATS and state_rounding == "stochastic"
                and params in (None, "bf16_sr") and not callable(weight_decay))
-    if fused is False or not fusable:
+    if fused is False or not fusable or (fused is None and state_fmt not in FUSED_BY_DEFAULT):
         return chain
     fused_update = functools.partial(
         _fused_update, chain=chain, make_links=make_links, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,

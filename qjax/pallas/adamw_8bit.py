@@ -1,4 +1,5 @@
-"""One-pass AdamW with 8-bit blockwise moments and bf16 weights: one Pallas (Triton) kernel per tensor.
+"""One-pass AdamW with 8-bit blockwise moments (int8 or fp8) and bf16 weights: one Pallas (Triton)
+kernel per tensor.
 
 ``qjax.optim.adamw(lr, state_fmt="int8", params="bf16_sr")`` composed from optax links compiles
 to about thirteen XLA kernels per tensor (dequantize, Adam, weight decay, the learning rate, the
@@ -58,6 +59,19 @@ changes the arithmetic: it was seen contracting products into FMAs, folding ``(y
 on the CPU, to the interpreter and to the same steps in NumPy float32. (The reference compiled by
 XLA for the GPU may still differ in the last bits.)
 
+**FP8 moments** (``fmt="fp8"``: E4M3 codes, COAT's range expansion for non-negative blocks, see
+:mod:`qjax.optim.state`). The codes travel as their uint8 bit patterns (a bitcast) and are decoded
+from the bits (:func:`decode_fp8`, exact); the new moments are encoded with
+``qjax.optim.state``'s formulas (block absmax, smallest nonzero magnitude, ``8 k = floor(8 log2
+R_E4M3 / log2 R_block)``, ``448 (|x| / absmax)**k``) and rounded to E4M3 stochastically with the
+bit-level rounding of :mod:`qjax.pallas.fake_quant`. Given the same random bits the codes, scales
+and exponents are bit-identical to :func:`qjax.optim.quantize_tensor`'s (tested on the CPU). Each
+moment takes a whole 32-bit word (E4M3's rounding uses up to 20 low bits), so the first moment
+draws a third hash word. ``pow`` (decoding and encoding expanded blocks) and ``log2`` (choosing
+``k``) are libdevice's in the kernel and XLA's in the reference: they may differ in the last bit,
+which moves a code or a weight's rounding where the value sits on a boundary, so fp8 is compared
+with its reference to that tolerance, not bit for bit.
+
 Shapes: the last axis is cut into blocks as ``QuantizedTensor`` does; a power-of-two block that
 divides the last axis is a free reshape. Otherwise (a ragged last block, or a tensor smaller than
 one block whose length is no power of two) the wrapper zero-pads to whole power-of-two blocks and
@@ -80,18 +94,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, UInt8, UInt32
 
+from qjax import formats as _formats
 from qjax.optim import codes as _codes
+from qjax.optim import state as _state
+from qjax.pallas.fake_quant import _round_generic
 from qjax.quantize import hash32
 
 __all__ = ["AdamwKernelConfig", "Hyper", "adamw_8bit_pallas", "adamw_8bit_reference", "decode_int8",
-           "hyperparameters", "stream_keys", "PARAM_MODES"]
+           "decode_fp8", "hyperparameters", "stream_keys", "PARAM_MODES", "STATE_FORMATS"]
 
 PARAM_MODES = ("bf16_sr", "fp32")
+STATE_FORMATS = ("int8", "fp8")
 _GOLDEN = np.uint32(0x9E3779B9)
 _TWO23 = np.float32(8388608.0)
 _MAGIC = np.uint32(0x4B000000)  # bits of 2**23: (k | MAGIC) as float is 2**23 + k, k < 2**23
 _ONE_BITS = np.uint32(0x3F800000)
 _ABS = np.uint32(0x7FFFFFFF)
+_INF = np.uint32(0x7F800000)
+_NAN = np.uint32(0x7FC00000)
+_E4M3_MIN_SUBNORMAL_BITS = np.uint32(0x3B000000)  # 2**-9
+# The numerator of COAT's 8 k = floor(8 log2(R_E4M3) / log2(R_block)), as the chain rounds it.
+_FP8_LOG_TARGET = np.float32(_state._K_STEPS * np.log2(_state._COAT_TARGET_RANGE))
+_MU_STREAM = np.uint32(0x27D4EB2F)  # fp8 first moments draw a third word: hash32(k1 ^ this)
 
 # Hyperparameter vector layout (float32, padded to 16 for the kernel).
 _H = {"one_minus_b1": 0, "b1": 1, "one_minus_b2": 2, "b2": 3, "bc1": 4, "bc2": 5, "eps": 6,
@@ -339,6 +363,76 @@ def _encode(x, absmax, unsigned, u, ops, lookup):
     return code.astype(jnp.uint8)
 
 
+def decode_fp8(code: UInt8[Array, "..."]) -> Float[Array, "..."]:
+    """The float32 value of each E4M3 (``float8_e4m3fn``) bit pattern, from its bits, exactly.
+
+    Args:
+      code: uint8 (or int32) bit patterns.
+
+    Returns:
+      float32 values, equal to ``code.view(float8_e4m3fn).astype(float32)`` (NaN for 0x7F, 0xFF).
+
+    Example:
+      >>> decode_fp8(jnp.array([0x38, 0x01, 0xFE], jnp.uint8))
+      Array([ 1.0000000e+00,  1.9531250e-03, -4.4800000e+02], dtype=float32)
+    """
+    c = jnp.asarray(code).astype(jnp.uint32)
+    e, m = (c >> 3) & 15, c & 7
+    normal = _f32(((e + 120) << 23) | (m << 20))
+    subnormal = _small_int_to_f32(m) * np.float32(2.0**-9)  # exact
+    value = jnp.where(e > 0, normal, subnormal)
+    value = jnp.where((c & 0x7F) == 0x7F, _f32(_NAN), value)
+    return jnp.where((c >> 7) == 1, -value, value)
+
+
+def _fp8_code(q):
+    """uint8 E4M3 bit pattern of float32 ``q`` on the E4M3 grid (NaN -> 0x7F)."""
+    b = _bits(q)
+    a = b & _ABS
+    e = a >> 23
+    normal = ((e - 120) << 3) | ((a >> 20) & 7)
+    subnormal = _bits(_f32(a) * np.float32(512.0) + _TWO23) - _MAGIC  # k * 2**-9 -> k, exact
+    code = jnp.where(e >= 121, normal, subnormal)
+    code = jnp.where(a > _INF, np.uint32(0x7F), code | ((b >> 31) << 7))
+    return code.astype(jnp.uint8)
+
+
+def _fp8_steps(absmax, min_nonzero, unsigned, ops):
+    """COAT's ``8 k`` per block (float32; 8 = plain E4M3), as ``qjax.optim.state`` chooses it."""
+    log_range = jnp.log2(ops.div(absmax, min_nonzero))
+    steps = jnp.floor(ops.div(_FP8_LOG_TARGET, log_range))
+    steps = jnp.where(steps != steps, np.float32(_state._K_STEPS), steps)
+    steps = jnp.minimum(jnp.maximum(steps, np.float32(1)), np.float32(255))
+    return jnp.where(unsigned & (absmax > 0), steps, np.float32(_state._K_STEPS))
+
+
+def _decode_fp8_moment(code, scale, steps, ops):
+    """Moment values of E4M3 codes in blocks with ``scale`` (absmax) and ``steps`` (broadcast):
+    ``qjax.optim.dequantize_tensor``'s formula, ``q * (absmax / 448)`` or ``absmax * (q / 448) **
+    (8 / steps)``."""
+    q = decode_fp8(code)
+    plain = ops.mul(q, ops.div(scale, _state._E4M3_MAX))
+    expanded = ops.mul(scale, lax.pow(ops.div(q, _state._E4M3_MAX),
+                                      ops.div(np.float32(_state._K_STEPS), steps)))
+    return jnp.where(steps == _state._K_STEPS, plain, expanded)
+
+
+def _encode_fp8(x, absmax, steps, unsigned, random_bits, ops):
+    """uint8 E4M3 codes of float32 ``x`` in blocks with ``absmax``, ``steps`` and the unsigned
+    flag (broadcast), stochastically rounded with ``random_bits``: ``qjax.optim.state``'s
+    encoding (COAT's range expansion ``448 (|x| / absmax) ** (steps / 8)`` where ``steps != 8``)."""
+    scale = ops.div(absmax, _state._E4M3_MAX)
+    plain = jnp.where(scale > 0, ops.div(x, jnp.where(scale > 0, scale, np.float32(1))), np.float32(0))
+    ratio = jnp.where(absmax > 0, ops.div(_f32(_bits(x) & _ABS), jnp.where(absmax > 0, absmax, np.float32(1))),
+                      np.float32(0))
+    k = ops.div(steps, np.float32(_state._K_STEPS))
+    expanded = ops.mul(_state._E4M3_MAX, lax.pow(ratio, k))
+    y = jnp.where(steps == _state._K_STEPS, plain, expanded)
+    q = _round_generic(_bits(y), _formats.E4M3_ELEM, 0, "stochastic", random_bits)
+    guard = unsigned & (x > 0) & (q == 0)  # a positive second moment never rounds to 0
+    return _fp8_code(_f32(jnp.where(guard, _E4M3_MIN_SUBNORMAL_BITS, q)))
+
+
 def _uniform23(r):
     return _f32((r >> 9) | _ONE_BITS) - np.float32(1)
 
@@ -382,6 +476,15 @@ def _block_stats(x, valid):
     return absmax, unsigned
 
 
+def _block_min_nonzero(x, valid):
+    """Smallest nonzero magnitude per block along axis -1 (Inf if none; NaN is skipped)."""
+    b = _bits(x) & _ABS
+    keep = (b > 0) & (b <= _INF)
+    if valid is not None:
+        keep = keep & valid
+    return _f32(jnp.min(jnp.where(keep, b, _INF), axis=-1))
+
+
 # --------------------------------------------------------------------------- kernel
 
 
@@ -420,7 +523,7 @@ def _element_index(g_blocks, bs_p, geometry):
 
 def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_ref, ns_ref, ni_ref,
             po_ref, mco_ref, mso_ref, mio_ref, nco_ref, nso_ref, nio_ref, *,
-            geometry, param_mode, decay, decay_bf16, decode, asm):
+            geometry, state_fmt, param_mode, decay, decay_bf16, decode, asm):
     ops = _Ops(asm)
     g_blocks, bs_p = g_ref.shape
     idx, valid = _element_index(g_blocks, bs_p, geometry)
@@ -433,19 +536,15 @@ def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_re
 
     g = _load(g_ref, tile_mask).astype(jnp.float32)
     w = _load(p_ref, tile_mask).astype(jnp.float32)
-    m_unsigned = (_load(mi_ref, row_mask) == 1)[:, None]
-    n_unsigned = (_load(ni_ref, row_mask) == 1)[:, None]
+    m_info = _load(mi_ref, row_mask)[:, None]
+    n_info = _load(ni_ref, row_mask)[:, None]
     m_codes = _load(mc_ref, tile_mask)
     n_codes = _load(nc_ref, tile_mask)
+    m_scale = _load(ms_ref, row_mask)[:, None]
+    n_scale = _load(ns_ref, row_mask)[:, None]
     lookup = lambda index: table_ref[index]
-    if decode == "gather":
-        m_table = lookup(m_codes.astype(jnp.int32) + 256 * m_unsigned.astype(jnp.int32))
-        n_table = lookup(n_codes.astype(jnp.int32) + 256 * n_unsigned.astype(jnp.int32))
-    else:
-        m_table = decode_int8(m_codes, m_unsigned)
-        n_table = decode_int8(n_codes, n_unsigned)
-    mu_old = m_table * _load(ms_ref, row_mask)[:, None]
-    nu_old = n_table * _load(ns_ref, row_mask)[:, None]
+    mu_old, nu_old = _decode_moments(m_codes, m_scale, m_info, n_codes, n_scale, n_info,
+                                     state_fmt, decode, lookup, ops)
     if valid is not None:
         zero = np.float32(0)
         g, w = jnp.where(valid, g, zero), jnp.where(valid, w, zero)
@@ -453,18 +552,56 @@ def _kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, nc_re
 
     u, mu, nu = _step(g, w, mu_old, nu_old, hv, ops, param_mode=param_mode, decay=decay,
                       decay_bf16=decay_bf16)
-    m = idx * _GOLDEN
-    r1 = hash32(m ^ k_ref[0])
-    r2 = hash32(m ^ k_ref[1])
+    r1, r2, r3 = _random_words(idx, k_ref[0], k_ref[1], state_fmt)
     _store(po_ref, _new_param(w, u, r1, ops, param_mode).astype(po_ref.dtype), tile_mask)
-
-    for x, uniform, c_ref, s_ref, i_ref in ((mu, _uniform16(r1), mco_ref, mso_ref, mio_ref),
-                                            (nu, _uniform23(r2), nco_ref, nso_ref, nio_ref)):
-        absmax, unsigned = _block_stats(x, valid)
-        codes = _encode(x, absmax[:, None], unsigned[:, None], uniform, ops, lookup)
+    for x, bits, first, c_ref, s_ref, i_ref in ((mu, r3, True, mco_ref, mso_ref, mio_ref),
+                                                (nu, r2, False, nco_ref, nso_ref, nio_ref)):
+        codes, absmax, info = _encode_moment(x, valid, bits, first, state_fmt, lookup, ops)
         _store(c_ref, codes, tile_mask)
         _store(s_ref, absmax, row_mask)
-        _store(i_ref, unsigned.astype(jnp.uint8), row_mask)
+        _store(i_ref, info, row_mask)
+
+
+def _decode_moments(m_codes, m_scale, m_info, n_codes, n_scale, n_info, state_fmt, decode,
+                    lookup, ops):
+    """float32 first and second moments from their codes, block scales and block info."""
+    if state_fmt == "fp8":
+        steps = lambda info: info.astype(jnp.int32).astype(jnp.float32)
+        return (_decode_fp8_moment(m_codes, m_scale, steps(m_info), ops),
+                _decode_fp8_moment(n_codes, n_scale, steps(n_info), ops))
+    m_unsigned, n_unsigned = m_info == 1, n_info == 1
+    if decode == "gather":
+        m_table = lookup(m_codes.astype(jnp.int32) + 256 * m_unsigned.astype(jnp.int32))
+        n_table = lookup(n_codes.astype(jnp.int32) + 256 * n_unsigned.astype(jnp.int32))
+    else:
+        m_table = decode_int8(m_codes, m_unsigned)
+        n_table = decode_int8(n_codes, n_unsigned)
+    return m_table * m_scale, n_table * n_scale
+
+
+def _random_words(idx, k1, k2, state_fmt):
+    """The per-element random words: (weight and int8 first moment, second moment, first moment)."""
+    m = idx * _GOLDEN
+    r1 = hash32(m ^ k1)
+    r2 = hash32(m ^ k2)
+    # The int8 encoder needs 16 bits for the first moment (the high half of r1, whose low half
+    # rounds the weight); E4M3's rounding takes up to 20 low bits, so fp8 draws a third word.
+    r3 = hash32(m ^ hash32(k1 ^ _MU_STREAM)) if state_fmt == "fp8" else r1
+    return r1, r2, r3
+
+
+def _encode_moment(x, valid, bits, first, state_fmt, lookup, ops):
+    """(codes, block absmax, block info) of a new moment ``x`` (blocks along axis -1); ``first``:
+    the first moment."""
+    absmax, unsigned = _block_stats(x, valid)
+    if state_fmt == "fp8":
+        steps = _fp8_steps(absmax, _block_min_nonzero(x, valid), unsigned, ops)
+        codes = _encode_fp8(x, absmax[..., None], steps[..., None], unsigned[..., None], bits, ops)
+        return codes, absmax, steps.astype(jnp.int32).astype(jnp.uint8)
+    # int8: the first moment rounds with the high 16 bits of r1, the second with 23 bits of r2
+    uniform = _uniform16(bits) if first else _uniform23(bits)
+    codes = _encode(x, absmax[..., None], unsigned[..., None], uniform, ops, lookup)
+    return codes, absmax, unsigned.astype(jnp.uint8)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -511,10 +648,22 @@ def _from_tiles(y, shape, block_size):
     return y.reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "param_mode", "decay", "decay_bf16",
-                                             "config", "interpret", "param_in_place"))
+def _code_bytes(codes):
+    """The codes as uint8 (E4M3 values by their bit patterns: a bitcast, no pass)."""
+    return codes if codes.dtype == jnp.uint8 else lax.bitcast_convert_type(codes, jnp.uint8)
+
+
+def _stored_codes(code_bytes, state_fmt):
+    """The kernel's uint8 codes in the dtype :class:`~qjax.optim.QuantizedTensor` stores."""
+    if state_fmt == "fp8":
+        return lax.bitcast_convert_type(code_bytes, jnp.float8_e4m3fn)
+    return code_bytes
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "state_fmt", "param_mode", "decay",
+                                             "decay_bf16", "config", "interpret", "param_in_place"))
 def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hyper, keys, *,
-           block_size, param_mode, decay, decay_bf16, config, interpret, param_in_place):
+           block_size, state_fmt, param_mode, decay, decay_bf16, config, interpret, param_in_place):
     shape = param.shape
     geometry = _geometry(shape, block_size)
     bs_p = _next_power_of_two(block_size)
@@ -535,8 +684,9 @@ def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hy
               jax.ShapeDtypeStruct((total_blocks,), jnp.float32),
               jax.ShapeDtypeStruct((total_blocks,), jnp.uint8)]
     out_shape = [jax.ShapeDtypeStruct((total_blocks, bs_p), out_dtype), *moment, *moment]
-    kernel = functools.partial(_kernel, geometry=geometry, param_mode=param_mode, decay=decay,
-                               decay_bf16=decay_bf16, decode=config.decode, asm=not interpret)
+    kernel = functools.partial(_kernel, geometry=geometry, state_fmt=state_fmt,
+                               param_mode=param_mode, decay=decay, decay_bf16=decay_bf16,
+                               decode=config.decode, asm=not interpret)
     # Outputs overwrite their inputs' buffers (input index: output index). Without this XLA gives
     # the kernel fresh buffers and then copies them into the donated state: the step was 8-21%
     # slower on an H200, depending on the launch configuration.
@@ -554,13 +704,14 @@ def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hy
                                                 num_stages=config.num_stages),
         interpret=interpret,
         name="adamw_8bit",
-    )(hyper, keys, table, tiles(grad), tiles(param), tiles(m_codes), flat(m_scales), flat(m_info),
-      tiles(n_codes), flat(n_scales), flat(n_info))
+    )(hyper, keys, table, tiles(grad), tiles(param), tiles(_code_bytes(m_codes)), flat(m_scales),
+      flat(m_info), tiles(_code_bytes(n_codes)), flat(n_scales), flat(n_info))
     p_out, mc, ms, mi, nc, ns, ni = outs
     scale_shape = shape[:-1] + (geometry[2],)
+    stored = lambda c: _stored_codes(_from_tiles(c, shape, block_size), state_fmt)
     return (_from_tiles(p_out, shape, block_size),
-            (_from_tiles(mc, shape, block_size), ms.reshape(scale_shape), mi.reshape(scale_shape)),
-            (_from_tiles(nc, shape, block_size), ns.reshape(scale_shape), ni.reshape(scale_shape)))
+            (stored(mc), ms.reshape(scale_shape), mi.reshape(scale_shape)),
+            (stored(nc), ns.reshape(scale_shape), ni.reshape(scale_shape)))
 
 
 def _check(grad, param, mu, nu, param_mode):
@@ -571,10 +722,15 @@ def _check(grad, param, mu, nu, param_mode):
     want = jnp.bfloat16 if param_mode == "bf16_sr" else jnp.float32
     if param.dtype != want:
         raise ValueError(f"param_mode={param_mode!r} needs {jnp.dtype(want).name} params, got {param.dtype}.")
+    code_dtype = {"int8": jnp.uint8, "fp8": jnp.float8_e4m3fn}
     for name, q in (("mu", mu), ("nu", nu)):
-        if not isinstance(q, QuantizedTensor) or q.fmt != "int8":
-            raise ValueError(f"{name} must be an int8 QuantizedTensor (qjax.optim.quantize_tensor(..., "
-                             f"'int8')), got {type(q).__name__} {getattr(q, 'fmt', '')}.")
+        if (not isinstance(q, QuantizedTensor) or q.fmt not in STATE_FORMATS
+                or q.codes.dtype != code_dtype[q.fmt]):
+            raise ValueError(f"{name} must be an int8 or fp8 QuantizedTensor (qjax.optim."
+                             f"quantize_tensor(..., 'int8' or 'fp8')), got {type(q).__name__} "
+                             f"{getattr(q, 'fmt', '')}.")
+        if q.fmt != mu.fmt:
+            raise ValueError(f"mu and nu must have the same format, got {mu.fmt!r} and {q.fmt!r}.")
         if q.shape != param.shape or q.block_size != mu.block_size:
             raise ValueError(f"{name} has shape {q.shape} / block {q.block_size}; the param has "
                              f"shape {param.shape} and mu block {mu.block_size}.")
@@ -602,12 +758,13 @@ def adamw_8bit_pallas(grad: Float[Array, "..."], param: Float[Array, "..."], mu,
                decay: bool = True, decay_bf16: bool = False,
                config: AdamwKernelConfig = AdamwKernelConfig(), param_in_place: bool = False,
                interpret: bool = False):
-    """One fused AdamW step of one tensor with int8 moments (the Pallas kernel).
+    """One fused AdamW step of one tensor with int8 or fp8 moments (the Pallas kernel).
 
     Args:
       grad: the gradient (any float dtype; used as float32).
       param: bf16 weights (``param_mode="bf16_sr"``) or float32 weights (``"fp32"``).
-      mu, nu: the moments as int8 :class:`~qjax.optim.QuantizedTensor` of the param's shape.
+      mu, nu: the moments as :class:`~qjax.optim.QuantizedTensor` of the param's shape, both
+        ``"int8"`` or both ``"fp8"``.
       hyper: float32 scalars from :func:`hyperparameters`.
       keys: the two uint32 stream keys from :func:`stream_keys`.
       param_mode: ``"bf16_sr"``: returns the new bf16 weights, stochastically rounded; ``"fp32"``:
@@ -636,7 +793,8 @@ def adamw_8bit_pallas(grad: Float[Array, "..."], param: Float[Array, "..."], mu,
     """
     _check(grad, param, mu, nu, param_mode)
     out, m, n = _fused(grad, param, mu.codes, mu.scales, mu.block_info, nu.codes, nu.scales,
-                       nu.block_info, hyper, keys, block_size=mu.block_size, param_mode=param_mode,
+                       nu.block_info, hyper, keys, block_size=mu.block_size, state_fmt=mu.fmt,
+                       param_mode=param_mode,
                        decay=decay, decay_bf16=decay_bf16, config=config, interpret=interpret,
                        param_in_place=param_in_place and param_mode == "bf16_sr")
     return (out, dataclasses.replace(mu, codes=m[0], scales=m[1], block_info=m[2]),
@@ -653,7 +811,8 @@ def adamw_8bit_reference(grad: Float[Array, "..."], param: Float[Array, "..."], 
     """:func:`adamw_8bit_pallas` in plain JAX on whole arrays (table lookups for decoding).
 
     Same arguments and results as :func:`adamw_8bit_pallas` (without the launch parameters). Run on the
-    CPU, it is bit-identical to the kernel on the GPU and in the interpreter.
+    CPU, it is bit-identical to the kernel in the interpreter, and for int8 moments to the kernel on
+    the GPU (fp8: to the last bits of ``pow`` and ``log2``, see the module docstring).
 
     Example:
       >>> from qjax.optim import quantize_tensor
@@ -666,35 +825,33 @@ def adamw_8bit_reference(grad: Float[Array, "..."], param: Float[Array, "..."], 
       >>> mu.scales.shape
       (2, 2)
     """
-    from qjax.optim.state import _from_blocks, _to_blocks, dequantize_tensor
+    from qjax.optim.state import _from_blocks, _to_blocks
 
     _check(grad, param, mu, nu, param_mode)
     ops = _Ops(False)
-    shape, bs = param.shape, mu.block_size
+    shape, bs, fmt = param.shape, mu.block_size, mu.fmt
     n = shape[-1]
     blocks = lambda x: _to_blocks(x, bs)
-    # Padding past the last element decodes to 0 here; it is masked before the block statistics
-    # and cropped from every output, so what it holds does not matter.
-    m_old = blocks(dequantize_tensor(mu, jnp.float32))
-    n_old = blocks(dequantize_tensor(nu, jnp.float32))
+    table = jnp.asarray(_code_table())
+    lookup = lambda index: table[index]
+    # Padding past the last element decodes to something; it is masked before the block
+    # statistics and cropped from every output, so what it is does not matter.
+    m_old, n_old = _decode_moments(blocks(_code_bytes(mu.codes)), mu.scales[..., None],
+                                   mu.block_info[..., None], blocks(_code_bytes(nu.codes)),
+                                   nu.scales[..., None], nu.block_info[..., None], fmt, "gather",
+                                   lookup, ops)
     g = blocks(grad.astype(jnp.float32))
     w = blocks(param.astype(jnp.float32))
     h = [hyper[k] for k in range(16)]
     u, m_new, n_new = _step(g, w, m_old, n_old, h, ops, param_mode=param_mode, decay=decay,
                             decay_bf16=decay_bf16)
-    idx = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
-    m = blocks(idx) * _GOLDEN
-    r1 = hash32(m ^ keys[0])
-    r2 = hash32(m ^ keys[1])
+    idx = blocks(jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape))
+    r1, r2, r3 = _random_words(idx, keys[0], keys[1], fmt)
     out = _from_blocks(_new_param(w, u, r1, ops, param_mode), n)
     valid = blocks(jnp.ones(shape, jnp.bool_))
-    table = jnp.asarray(_code_table())
-    lookup = lambda index: table[index]
     results = []
-    for x, uniform, q in ((m_new, _uniform16(r1), mu), (n_new, _uniform23(r2), nu)):
-        x = jnp.where(valid, x, np.float32(0))
-        absmax, unsigned = _block_stats(x, None)
-        c = _encode(x, absmax[..., None], unsigned[..., None], uniform, ops, lookup)
-        results.append(dataclasses.replace(q, codes=_from_blocks(c, n), scales=absmax,
-                                           block_info=unsigned.astype(jnp.uint8)))
+    for x, bits, first, q in ((m_new, r3, True, mu), (n_new, r2, False, nu)):
+        c, absmax, info = _encode_moment(x, valid, bits, first, fmt, lookup, ops)
+        results.append(dataclasses.replace(q, codes=_stored_codes(_from_blocks(c, n), fmt),
+                                           scales=absmax, block_info=info))
     return out, results[0], results[1]
