@@ -98,10 +98,15 @@ def test_nvfp4_block_16_and_product_form(axis):
     x = normals((48, 64), seed=14)
     options = dict(hadamard_block_size=16, axis=axis, rounding="stochastic",
                    key=jax.random.key(15))
+    # Normal inputs: the tensor amax may differ in its last bit (see assert_same_operand), and
+    # the product form carries it into every value.
     split = interpret(x, "nvfp4", split_tensor_scale=True, **options)
-    assert_same_operand(split, reference(x, "nvfp4", split_tensor_scale=True, **options))
+    assert_same_operand(split, reference(x, "nvfp4", split_tensor_scale=True, **options),
+                        tensor_scale_ulps=1)
     product = interpret(x, "nvfp4", out_dtype=jnp.float32, **options)
-    assert_bit_identical(product, reference(x, "nvfp4", out_dtype=jnp.float32, **options))
+    np.testing.assert_array_max_ulp(
+        np.asarray(product), np.asarray(reference(x, "nvfp4", out_dtype=jnp.float32, **options)),
+        maxulp=2)
     values, tensor_scale = split
     np.testing.assert_allclose(np.asarray(values, np.float32) * np.asarray(tensor_scale),
                                product, rtol=2 ** -23)
