@@ -123,16 +123,13 @@ def test_encode_rounds_to_a_neighbour_without_bias(unsigned):
     assert np.all(np.abs(z) < 5.5), (z.max(), x[np.argmax(np.abs(z))])
 
 
-def test_fp8_decode_and_code_are_exact_for_every_e4m3_code():
+def test_fp8_decode_is_exact_for_every_e4m3_code():
     c = np.arange(256, dtype=np.uint8)
     want = c.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     got = np.asarray(jax.jit(K.decode_fp8)(jnp.asarray(c)))
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     finite = ~np.isnan(want)
     np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
-    codes_back = np.asarray(jax.jit(K._fp8_code)(jnp.asarray(want)))
-    np.testing.assert_array_equal(codes_back[finite], c[finite])  # -0 included
-    assert set(codes_back[~finite]) == {0x7F}
 
 
 def _fp8_blocks(seed):

@@ -97,7 +97,8 @@ from jaxtyping import Array, Float, UInt8, UInt32
 from qjax import formats as _formats
 from qjax.optim import codes as _codes
 from qjax.optim import state as _state
-from qjax.pallas.fake_quant import _round_generic
+from qjax.pallas import fake_quant as _fq
+from qjax.pallas import quantize as _pq
 from qjax.quantize import hash32
 
 __all__ = ["AdamwKernelConfig", "Hyper", "adamw_8bit_pallas", "adamw_8bit_reference", "decode_int8",
@@ -110,8 +111,7 @@ _TWO23 = np.float32(8388608.0)
 _MAGIC = np.uint32(0x4B000000)  # bits of 2**23: (k | MAGIC) as float is 2**23 + k, k < 2**23
 _ONE_BITS = np.uint32(0x3F800000)
 _ABS = np.uint32(0x7FFFFFFF)
-_INF = np.uint32(0x7F800000)
-_NAN = np.uint32(0x7FC00000)
+_INF, _NAN = _fq._INF, _fq._NAN
 _E4M3_MIN_SUBNORMAL_BITS = np.uint32(0x3B000000)  # 2**-9
 # The numerator of COAT's 8 k = floor(8 log2(R_E4M3) / log2(R_block)), as the chain rounds it.
 _FP8_LOG_TARGET = np.float32(_state._K_STEPS * np.log2(_state._COAT_TARGET_RANGE))
@@ -374,7 +374,7 @@ def decode_fp8(code: UInt8[Array, "..."]) -> Float[Array, "..."]:
 
     Example:
       >>> decode_fp8(jnp.array([0x38, 0x01, 0xFE], jnp.uint8))
-      Array([ 1.0000000e+00,  1.9531250e-03, -4.4800000e+02], dtype=float32)
+      Array([ 1.000000e+00,  1.953125e-03, -4.480000e+02], dtype=float32)
     """
     c = jnp.asarray(code).astype(jnp.uint32)
     e, m = (c >> 3) & 15, c & 7
@@ -383,18 +383,6 @@ def decode_fp8(code: UInt8[Array, "..."]) -> Float[Array, "..."]:
     value = jnp.where(e > 0, normal, subnormal)
     value = jnp.where((c & 0x7F) == 0x7F, _f32(_NAN), value)
     return jnp.where((c >> 7) == 1, -value, value)
-
-
-def _fp8_code(q):
-    """uint8 E4M3 bit pattern of float32 ``q`` on the E4M3 grid (NaN -> 0x7F)."""
-    b = _bits(q)
-    a = b & _ABS
-    e = a >> 23
-    normal = ((e - 120) << 3) | ((a >> 20) & 7)
-    subnormal = _bits(_f32(a) * np.float32(512.0) + _TWO23) - _MAGIC  # k * 2**-9 -> k, exact
-    code = jnp.where(e >= 121, normal, subnormal)
-    code = jnp.where(a > _INF, np.uint32(0x7F), code | ((b >> 31) << 7))
-    return code.astype(jnp.uint8)
 
 
 def _fp8_steps(absmax, min_nonzero, unsigned, ops):
@@ -428,9 +416,10 @@ def _encode_fp8(x, absmax, steps, unsigned, random_bits, ops):
     k = ops.div(steps, np.float32(_state._K_STEPS))
     expanded = ops.mul(_state._E4M3_MAX, lax.pow(ratio, k))
     y = jnp.where(steps == _state._K_STEPS, plain, expanded)
-    q = _round_generic(_bits(y), _formats.E4M3_ELEM, 0, "stochastic", random_bits)
+    q = _fq._round_generic(_bits(y), _formats.E4M3_ELEM, 0, "stochastic", random_bits)
     guard = unsigned & (x > 0) & (q == 0)  # a positive second moment never rounds to 0
-    return _fp8_code(_f32(jnp.where(guard, _E4M3_MIN_SUBNORMAL_BITS, q)))
+    q = jnp.where(guard, _E4M3_MIN_SUBNORMAL_BITS, q)
+    return _pq._encode(q, _formats.E4M3_ELEM).astype(jnp.uint8)
 
 
 def _uniform23(r):
