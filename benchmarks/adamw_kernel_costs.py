@@ -45,11 +45,19 @@ def _copy_kernel(h_ref, k_ref, table_ref, g_ref, p_ref, mc_ref, ms_ref, mi_ref, 
 
 
 ABLATIONS = {
-    "no hash": {"_hash": lambda x: x},
+    "no hash": {"hash32": lambda x: x},
     "cheap encode": {"_encode": _cheap_encode},
     "cheap adam": {"_step": _cheap_step},
-    "io only": {"_hash": lambda x: x, "_encode": _cheap_encode, "_step": _cheap_step},
+    "io only": {"hash32": lambda x: x, "_encode": _cheap_encode, "_step": _cheap_step},
     "copy only": {"_kernel": _copy_kernel},  # the same tiles in and out (whole tiles only)
+}
+
+FP8_ABLATIONS = {
+    "no hash": {"hash32": lambda x: x},
+    "cheap adam": {"_step": _cheap_step},
+    "no pow": {"_pow": lambda x, p: x + p},  # what COAT's expansion costs (4 pow per element)
+    # the kernel's pow is exp2(p log2 x); this is what libdevice's powf would cost instead
+    "libdevice powf": {"_pow": jax.lax.pow},
 }
 
 
@@ -81,6 +89,7 @@ def main():
     parser.add_argument("--ablate-config", default=None, help="config for the ablations "
                         "(default: the kernel's default)")
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--state-fmt", choices=("int8", "fp8"), default="int8")
     parser.add_argument("--profile", action="store_true", help="only run the default kernel three "
                         "times on one 2048x8192 tensor (for ncu)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -94,9 +103,9 @@ def main():
         grads = ou.random_tree(shapes, p_dtype, 1e-3, seed=1)
         return [params, grads, jax.jit(opt.init)(params)]
 
-    int8 = lambda: qo.adamw(1e-4, state_fmt="int8", params="bf16_sr", fused=False)  # noqa: E731
+    quantized = lambda: qo.adamw(1e-4, state_fmt=args.state_fmt, params="bf16_sr", fused=False)  # noqa: E731
     if args.profile:
-        params, grads, state = inputs(int8(), jnp.bfloat16)
+        params, grads, state = inputs(quantized(), jnp.bfloat16)
         fn = jax.jit(ou.kernel_only_step(K.AdamwKernelConfig()))
         for _ in range(3):
             params, state = fn(params, grads, state)
@@ -118,7 +127,7 @@ def main():
     base = measure(ou.optax_step(base_opt), data)
     del data
     gc.collect()
-    data = inputs(int8(), jnp.bfloat16)
+    data = inputs(quantized(), jnp.bfloat16)
     params_bytes, grads_bytes, state_bytes = (ou.tree_bytes(x) for x in data)
     moved = 2 * params_bytes + grads_bytes + 2 * state_bytes  # as optim_update.py counts it
     print(f"\n{'variant':34s} {'ms':>8s} {'x optax':>8s} {f'GB/s at {moved / n:.2f} B/param':>22s}")
@@ -132,7 +141,8 @@ def main():
         row(f"kernel {text}", measure(ou.kernel_only_step(cfg), data))
     if not args.no_ablations:
         cfg = parse_config(args.ablate_config) if args.ablate_config else K.AdamwKernelConfig()
-        for name, replacements in ABLATIONS.items():
+        ablations = FP8_ABLATIONS if args.state_fmt == "fp8" else ABLATIONS
+        for name, replacements in ablations.items():
             with patched(replacements):
                 row(f"{name} ({cfg.blocks_per_program}x{cfg.num_warps})",
                     measure(ou.kernel_only_step(cfg), data))

@@ -438,8 +438,11 @@ def test_gpu_fp8_kernel_agrees_with_the_reference_on_cpu(shape, mode):
         want = jax.device_get(jax.jit(functools.partial(K.adamw_8bit_reference, **kw))(
             *jax.device_put(args, cpu)))
     w_got, w_want = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
-    assert _mismatch_fraction(got[0], want[0]) < 1e-3
-    np.testing.assert_allclose(w_got, w_want, rtol=2**-7 if mode == "bf16_sr" else 1e-5, atol=1e-30)
+    if mode == "bf16_sr":  # a last-bit difference in a moment rarely flips a bf16 rounding
+        assert _mismatch_fraction(got[0], want[0]) < 1e-3
+        np.testing.assert_allclose(w_got, w_want, rtol=2**-7, atol=1e-30)
+    else:  # float32 updates carry every last-bit difference of the decoded moments (2.4% of bytes)
+        np.testing.assert_allclose(w_got, w_want, rtol=1e-5, atol=1e-30)
     for g, w in zip(got[1:], want[1:]):
         assert _mismatch_fraction(g.codes, w.codes) < 1e-3
         assert np.mean(np.asarray(g.block_info) == np.asarray(w.block_info)) > 0.99
