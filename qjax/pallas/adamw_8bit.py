@@ -69,9 +69,9 @@ and exponents are bit-identical to :func:`qjax.optim.quantize_tensor`'s (tested 
 moment takes a whole 32-bit word (E4M3's rounding uses up to 20 low bits), so the first moment
 draws a third hash word. ``x**p`` is ``exp2(p log2 x)`` (decoding and encoding expanded blocks;
 libdevice's ``powf`` cost 2.4 ms more per step on the 268M-parameter benchmark) and ``log2`` also
-chooses ``k``: these are libdevice's in the kernel and XLA's in the reference: they may differ in the last bit,
-which moves a code or a weight's rounding where the value sits on a boundary, so fp8 is compared
-with its reference to that tolerance, not bit for bit.
+chooses ``k``. These are libdevice's in the kernel and XLA's in the reference and may differ in
+the last bit, which moves a code or a weight's rounding where the value sits on a boundary, so
+fp8 is compared with its reference to that tolerance, not bit for bit.
 
 Shapes: the last axis is cut into blocks as ``QuantizedTensor`` does; a power-of-two block that
 divides the last axis is a free reshape. Otherwise (a ragged last block, or a tensor smaller than
