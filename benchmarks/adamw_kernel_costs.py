@@ -144,7 +144,7 @@ def main():
         ablations = FP8_ABLATIONS if args.state_fmt == "fp8" else ABLATIONS
         for name, replacements in ablations.items():
             with patched(replacements):
-                row(f"{name} ({cfg.blocks_per_program}x{cfg.num_warps})",
+                row(f"{name} ({cfg.blocks_per_program}x{cfg.warps_for(args.state_fmt)})",
                     measure(ou.kernel_only_step(cfg), data))
 
 

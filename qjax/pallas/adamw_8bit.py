@@ -146,21 +146,29 @@ class AdamwKernelConfig:
 
     Attributes:
       blocks_per_program: quantization blocks per program (a power of two).
-      num_warps: Triton warps per program.
+      num_warps: Triton warps per program; None: 4 for int8 moments, 8 for fp8 (whose encoding
+        has more arithmetic per element: 8x8 and 4x8 were about 10% faster than 4x4 for fp8 on an
+        H100 at 268M parameters, 2026-12-07).
       num_stages: Triton pipelining depth (None: Pallas' default).
       decode: ``"gather"`` (table loads; the default: 3.71 ms against 4.90 ms for ``"arith"``
         on an H200 at 268M parameters, 2026-11-23) or ``"arith"`` (exact arithmetic decoding).
         Both decode to the same bits; the encoder loads from the table either way.
 
-    The default 4 blocks x 4 warps (8 elements per thread, 72 registers): on an H200 at 268M
+    The int8 default 4 blocks x 4 warps (8 elements per thread, 72 registers): on an H200 at 268M
     parameters (2026-11-23, benchmarks/adamw_kernel_costs.py) 2x2 and 8x8 were within 6% of it
     in two runs, 8x4 (the earlier default, 117 registers) 11-19% slower.
     """
 
     blocks_per_program: int = 4
-    num_warps: int = 4
+    num_warps: int | None = None
     num_stages: int | None = None
     decode: str = "gather"
+
+    def warps_for(self, state_fmt: str) -> int:
+        """The warps to launch for moments in ``state_fmt``."""
+        if self.num_warps is not None:
+            return self.num_warps
+        return 8 if state_fmt == "fp8" else 4
 
     def __post_init__(self):
         b = self.blocks_per_program
@@ -695,7 +703,7 @@ def _fused(grad, param, m_codes, m_scales, m_info, n_codes, n_scales, n_info, hy
         in_specs=[whole16, whole2, table_spec, tile, tile, tile, row, row, tile, row, row],
         out_specs=[tile, tile, row, row, tile, row, row],
         input_output_aliases=aliases,
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+        compiler_params=pltriton.CompilerParams(num_warps=config.warps_for(state_fmt),
                                                 num_stages=config.num_stages),
         interpret=interpret,
         name="adamw_8bit",
