@@ -48,9 +48,11 @@ def _curves(path: pathlib.Path) -> dict:
 
 
 def test_train_lm_two_recipes_write_table_and_loss_decreases(tmp_path):
-    rows = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16,mxfp8",
+    # --parallel: each recipe in its own process, then one combined table
+    rows = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16,mxfp8", "--parallel", "2",
                           "--out", str(tmp_path)])
     assert [r.recipe for r in rows] == ["bf16", "mxfp8"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["bf16.log", "mxfp8.log"]
     markdown = (tmp_path / "results.md").read_text()
     assert "| bf16 |" in markdown and "| mxfp8 |" in markdown
     with (tmp_path / "results.csv").open() as f:
@@ -70,15 +72,13 @@ def test_train_lm_two_recipes_write_table_and_loss_decreases(tmp_path):
     first = [curves[(r, "train")][0][1] for r in ("bf16", "mxfp8")]
     assert abs(first[0] - first[1]) < 0.02
     # a later run into the same --out keeps finished recipes (--resume) and the earlier rows
-    again = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16", "--resume",
+    again = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16,mxfp8", "--resume",
                            "--out", str(tmp_path)])
     assert [(r.recipe, r.val_loss) for r in again] == [(r.recipe, r.val_loss) for r in rows]
-    # --parallel: each recipe in its own process, the same numbers, one combined table
-    parallel = train_lm.main([*FAST, "--steps", "16", "--recipes", "bf16,mxfp8", "--parallel",
-                              "2", "--out", str(tmp_path / "parallel")])
-    assert [(r.recipe, r.val_loss) for r in parallel] == [(r.recipe, r.val_loss) for r in rows]
-    assert sorted(p.name for p in (tmp_path / "parallel" / "logs").iterdir()) == [
-        "bf16.log", "mxfp8.log"]
+    # in this process (no --parallel), the same numbers as the worker's
+    alone = train_lm.main([*FAST, "--steps", "16", "--recipes", "mxfp8",
+                           "--out", str(tmp_path / "in_process")])
+    assert [(r.recipe, r.val_loss) for r in alone] == [(r.recipe, r.val_loss) for r in rows[1:]]
 
 
 def test_parallel_workers_that_fail_are_named(tmp_path):
