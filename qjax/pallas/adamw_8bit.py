@@ -408,15 +408,26 @@ def _pow(x, p):
     return _state._coat_power(x, p)
 
 
+def _per_block(steps, plain, expanded):
+    """``plain`` in the blocks stored plain (``steps == 8``), ``expanded()`` in the others.
+
+    ``expanded`` (the pow) runs only in tiles that hold an expanded block: first moments are
+    signed, so never expanded. The flag is a max over int32 because Pallas' Triton lowering has
+    no ``reduce_and``.
+    """
+    any_expanded = jnp.max((steps != _state._K_STEPS).astype(jnp.int32)) > 0
+    return lax.cond(any_expanded, lambda: jnp.where(steps == _state._K_STEPS, plain, expanded()),
+                    lambda: plain)
+
+
 def _decode_fp8_moment(code, scale, steps, ops):
     """Moment values of E4M3 codes in blocks with ``scale`` (absmax) and ``steps`` (broadcast):
     ``qjax.optim.dequantize_tensor``'s formula, ``q * (absmax / 448)`` or ``absmax * (q / 448) **
     (8 / steps)``."""
     q = decode_fp8(code)
     plain = ops.mul(q, ops.div(scale, _state._E4M3_MAX))
-    expanded = ops.mul(scale, _pow(ops.div(q, _state._E4M3_MAX),
-                                   ops.div(np.float32(_state._K_STEPS), steps)))
-    return jnp.where(steps == _state._K_STEPS, plain, expanded)
+    return _per_block(steps, plain, lambda: ops.mul(scale, _pow(
+        ops.div(q, _state._E4M3_MAX), ops.div(np.float32(_state._K_STEPS), steps))))
 
 
 def _encode_fp8(x, absmax, steps, unsigned, random_bits, ops):
@@ -428,8 +439,7 @@ def _encode_fp8(x, absmax, steps, unsigned, random_bits, ops):
     ratio = jnp.where(absmax > 0, ops.div(_f32(_bits(x) & _ABS), jnp.where(absmax > 0, absmax, np.float32(1))),
                       np.float32(0))
     k = ops.div(steps, np.float32(_state._K_STEPS))
-    expanded = ops.mul(_state._E4M3_MAX, _pow(ratio, k))
-    y = jnp.where(steps == _state._K_STEPS, plain, expanded)
+    y = _per_block(steps, plain, lambda: ops.mul(_state._E4M3_MAX, _pow(ratio, k)))
     q = _fq._round_generic(_bits(y), _formats.E4M3_ELEM, 0, "stochastic", random_bits)
     guard = unsigned & (x > 0) & (q == 0)  # a positive second moment never rounds to 0
     q = jnp.where(guard, _E4M3_MIN_SUBNORMAL_BITS, q)
