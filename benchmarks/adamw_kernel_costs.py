@@ -3,6 +3,7 @@ ablations, against ``optax.adamw`` (fp32) in the same run.
 
     python benchmarks/adamw_kernel_costs.py --layers 4
     python benchmarks/adamw_kernel_costs.py --layers 4 --configs 8x4,4x4,2x2 --no-ablations
+    python benchmarks/adamw_kernel_costs.py --configs 16x8 --ablate-config 16x8 --ablations "copy only"
 
 An ablation swaps one part of the kernel for a trivial stand-in of the same inputs and outputs
 (results are wrong, only the time means something): ``no hash`` (random bits = the index),
@@ -93,12 +94,22 @@ def main():
     parser.add_argument("--ablate-config", default=None, help="config for the ablations "
                         "(default: the kernel's default)")
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--ablations", default=None, help="comma-separated names of the ablations "
+                        "to time (default: all of the state format's)")
     parser.add_argument("--state-fmt", choices=("int8", "fp8"), default="int8")
     parser.add_argument("--profile", action="store_true", help="only run the default kernel three "
                         "times on one 2048x8192 tensor (for ncu)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args()
+    ablations = {} if args.no_ablations else FP8_ABLATIONS if args.state_fmt == "fp8" else ABLATIONS
+    if args.ablations and not args.no_ablations:
+        names = args.ablations.split(",")
+        unknown = sorted(set(names) - set(ablations))
+        if unknown:
+            parser.error(f"--ablations: unknown {unknown}; valid for --state-fmt {args.state_fmt}: "
+                         f"{', '.join(ablations)}")
+        ablations = {name: ablations[name] for name in names}
 
     shapes = [("w", (2048, 8192))] if args.profile else ou.llama_like_shapes(layers=args.layers)
 
@@ -148,9 +159,8 @@ def main():
 
     for text in args.configs.split(","):
         row(f"kernel {text}", ou.kernel_only_step(parse_config(text)))
-    if not args.no_ablations:
+    if ablations:
         cfg = parse_config(args.ablate_config) if args.ablate_config else K.AdamwKernelConfig()
-        ablations = FP8_ABLATIONS if args.state_fmt == "fp8" else ABLATIONS
         for name, replacements in ablations.items():
             with patched(replacements):
                 row(f"{name} ({cfg.blocks_per_program}x{cfg.warps_for(args.state_fmt)})",

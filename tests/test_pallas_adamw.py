@@ -441,8 +441,12 @@ def test_gpu_fp8_kernel_agrees_with_the_reference_on_cpu(shape, mode):
     if mode == "bf16_sr":  # a last-bit difference in a moment rarely flips a bf16 rounding
         assert _mismatch_fraction(got[0], want[0]) < 1e-3
         np.testing.assert_allclose(w_got, w_want, rtol=2**-7, atol=1e-30)
-    else:  # float32 updates carry every last-bit difference of the decoded moments (2.4% of bytes)
-        np.testing.assert_allclose(w_got, w_want, rtol=1e-5, atol=1e-30)
+    else:
+        # float32 weights carry every last-bit difference of the decoded moments (2.4% of bytes),
+        # relative to Adam's step (lr 1e-3 times an O(1) ratio), not to the weight, which may be
+        # near 0. (On the CPU, libm's pow in place of exp2(p log2 x) moves them by <= 7.5e-6 lr.)
+        slack = 1e-4 * 1e-3 + 2 * np.spacing(np.abs(w_want))
+        assert np.all(np.abs(w_got - w_want) <= slack), np.max(np.abs(w_got - w_want) / slack)
     for g, w in zip(got[1:], want[1:]):
         assert _mismatch_fraction(g.codes, w.codes) < 1e-3
         assert np.mean(np.asarray(g.block_info) == np.asarray(w.block_info)) > 0.99

@@ -63,9 +63,9 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
         17.7 ms (``optax.adamw`` fp32: 3.1 ms); the kernel alone now takes 1.42x of
         ``optax.adamw``. It is bit-identical to its reference on the H100 and H200. Both
         keep the same state pytree; they differ in the random stream of the stochastic rounding
-        (the kernel's own hash streams vs ``qjax.stochastic_bits``), so not bit for bit. fp8
-        moments take the kernel with ``fused=True`` only for now (2.3x of ``optax.adamw`` on an
-        H100 against the chain's 5.4x on an H200, 2026-12-07; its GPU tests are to be re-run).
+        (the kernel's own hash streams vs ``qjax.stochastic_bits``), so not bit for bit. With fp8
+        moments the fused update took 2.28x of ``optax.adamw`` against the chain's 2.38x (H100,
+        2026-12-07); fp8 takes the kernel with ``fused=True`` only until its GPU tests pass again.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
