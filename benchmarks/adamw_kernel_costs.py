@@ -12,8 +12,9 @@ An ablation swaps one part of the kernel for a trivial stand-in of the same inpu
 (each input tile copied to its output: the memory floor of this tiling). ``--state-fmt fp8`` times
 ``no hash``, ``cheap adam``, ``no pow``, ``libdevice powf`` (the kernel's ``x**p`` replaced by
 ``powf``) and ``pow in every tile`` (no skipping of tiles without an expanded block) instead.
-The difference to the full kernel is what that part costs. Each variant is timed as the optimizer step over the whole
-Llama-like tree (``optim_update.kernel_only_step``), median of many runs after warm-up.
+The difference to the full kernel is what that part costs. Each variant is timed as the
+optimizer step over the whole Llama-like tree (``optim_update.kernel_only_step``), median of many
+runs after warm-up.
 """
 
 from __future__ import annotations
