@@ -55,8 +55,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
       fused: the one-pass Pallas kernel (:mod:`qjax.pallas.adamw_8bit`) for the tensors it
         handles (``state_fmt="int8"`` or ``"fp8"`` with stochastic state rounding,
         ``params="bf16_sr"`` or ``None`` with float32 weights; leaves whose moments are
-        quantized). ``None`` (default): on a single GPU, chosen when lowering for it (not under ``qjax.use_kernels(False)``);
-        elsewhere the chain. ``False``: never (the composable chain, the reference). ``True``:
+        quantized). ``None`` (default): on a single GPU, chosen when lowering for it (not under
+        ``qjax.use_kernels(False)``); elsewhere the chain. ``False``: never (the composable chain, the reference). ``True``:
         always (in the Pallas interpreter off the GPU: slow, for tests). On an H200 (JAX 0.11.2,
         2026-11-23, 268M parameters) the first fused update took 9.2 ms against the chain's
         17.7 ms (``optax.adamw`` fp32: 3.1 ms); the kernel alone now takes 1.42x of
