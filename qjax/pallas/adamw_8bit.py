@@ -341,6 +341,19 @@ def decode_int8(code: UInt8[Array, "..."], unsigned) -> Float[Array, "..."]:
     return jnp.where(neg, -value, value)
 
 
+def _decade_constants_of(i, s, lookup):
+    """The encoder's ``K(i) * 2**s`` and ``16 * 2**(i + s) - 9`` for decade ``i`` and unsigned
+    flag ``s`` (int32, broadcast): two table loads. (A module-level function so that
+    benchmarks/adamw_kernel_costs.py can time alternatives.)"""
+    decade = _DECADES + i + 7 * s
+    return lookup(decade), lookup(decade + 14)
+
+
+def _neighbours(lo_index, lookup):
+    """The code values at table index ``lo_index`` and the next one: two table loads."""
+    return lookup(lo_index), lookup(lo_index + 1)
+
+
 def _encode(x, absmax, unsigned, u, ops, lookup):
     """uint8 codes of float32 ``x`` in blocks with ``absmax`` (broadcast) and the unsigned flag,
     stochastically rounded with uniforms ``u`` in [0, 1) (see the module docstring). ``lookup``
@@ -353,18 +366,18 @@ def _encode(x, absmax, unsigned, u, ops, lookup):
     i = jnp.zeros(v.shape, jnp.int32)
     for t in _THRESHOLDS:
         i = i + (v >= t).astype(jnp.int32)
-    decade = _DECADES + i + 7 * s
-    y = ops.mul(v, lookup(decade))  # v in N units of decade i
+    scale, offset = _decade_constants_of(i, s, lookup)
+    y = ops.mul(v, scale)  # v in N units of decade i
     # Both steps through ops: a plain product followed by an add may become one FMA on the GPU
     # and move the floor below across an integer.
-    j_real = ops.mul(ops.add(y, lookup(decade + 14)), np.float32(1 / 18))
+    j_real = ops.mul(ops.add(y, offset), np.float32(1 / 18))
     t = ops.add(j_real, _TWO23)  # round to integer, then step down if it rounded up: an exact floor
     q_lo = (_bits(t) - _MAGIC).astype(jnp.int32) - ((t - _TWO23) > j_real).astype(jnp.int32) - s
     # The table index of the signed value's lower neighbour: signed tables hold -m(q) at 128 - q
     # for q >= 2 (no -m_0: a negative value below m_1 rounds between -m_1 and 0).
     lo_index = jnp.where(s == 1, q_lo, jnp.where(negative, 127 - jnp.maximum(q_lo, 1), 127 + q_lo))
     lo_index = jnp.minimum(jnp.maximum(lo_index, 0), 254) + 256 * s
-    lo, hi = lookup(lo_index), lookup(lo_index + 1)
+    lo, hi = _neighbours(lo_index, lookup)
     sv = jnp.where(negative, -v, v)
     take_hi = (u * (hi - lo) < sv - lo) | (sv >= hi)
     code = lo_index - 256 * s + take_hi.astype(jnp.int32)
