@@ -3,7 +3,7 @@
     python benchmarks/lm_step_profile.py --recipes flax,bf16 [--preset small] [--trace DIR]
                                          [any train_lm.py option, e.g. --scan-layers]
 
-For each recipe: compile time, then the median times of the forward loss, the forward and backward
+For each recipe: tracing and compile times, then the median times of the forward loss, the forward and backward
 pass, and the whole train step (optimizer included) on one fixed batch. With ``--trace DIR`` it
 also records a few steps with ``jax.profiler`` (a perfetto JSON trace per recipe under DIR) and
 prints the GPU kernels that take the most time per step. This is how the embedding gradient's
@@ -13,6 +13,7 @@ scatter-add (90 of 124 ms per small-preset step on an H100) was found.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import pathlib
 import sys
@@ -20,6 +21,8 @@ import time
 
 import jax
 import numpy as np
+
+import qjax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 import train_lm  # noqa: E402
@@ -49,8 +52,10 @@ def profile(recipe: str, config: T.TrainConfig, tokens, trace_dir: pathlib.Path 
         return T.cross_entropy(logits, tokens[:, 1:])
 
     began = time.perf_counter()
-    step = train_step.lower(state, tokens).compile()
-    compile_s = time.perf_counter() - began
+    lowered = train_step.lower(state, tokens)
+    lower_s = time.perf_counter() - began
+    step = lowered.compile()
+    compile_s = time.perf_counter() - began - lower_s
     forward = backward = float("nan")
     if not step_only:  # two more compilations
         forward = median_ms(jax.jit(loss), state.params, tokens)
@@ -63,7 +68,7 @@ def profile(recipe: str, config: T.TrainConfig, tokens, trace_dir: pathlib.Path 
         times.append(time.perf_counter() - began)
     step_ms = float(np.median(times[3:])) * 1e3
     tokens_per_second = config.tokens_per_step / step_ms * 1e3
-    print(f"{recipe:12s} compile {compile_s:6.1f} s | forward {forward:7.2f} ms | forward+backward "
+    print(f"{recipe:12s} trace+lower {lower_s:5.1f} s, compile {compile_s:6.1f} s | forward {forward:7.2f} ms | forward+backward "
           f"{backward:7.2f} ms | step {step_ms:7.2f} ms | {tokens_per_second:,.0f} tokens/s",
           flush=True)
     if trace_dir is None:
@@ -91,6 +96,8 @@ def main():
     parser.add_argument("--top", type=int, default=12, help="kernels listed per recipe")
     parser.add_argument("--step-only", action="store_true",
                         help="time only the train step (one compilation per recipe, not three)")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="run under qjax.use_kernels(False): XLA's quantizers, no Pallas")
     args, train_lm_args = parser.parse_known_args()
     config = train_lm.build_config(train_lm.parse_args(["--preset", args.preset] + train_lm_args))
     corpus = D.load_corpus(None)
@@ -99,8 +106,9 @@ def main():
     print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, preset {args.preset} "
           f"{' '.join(train_lm_args)}: {config.batch_size} x {config.seq_len} tokens per step")
     for recipe in train_lm.parse_recipes(args.recipes):
-        profile(recipe, config, tokens, pathlib.Path(args.trace) if args.trace else None,
-                args.trace_steps, args.top, args.step_only)
+        with qjax.use_kernels(False) if args.no_kernels else contextlib.nullcontext():
+            profile(recipe, config, tokens, pathlib.Path(args.trace) if args.trace else None,
+                    args.trace_steps, args.top, args.step_only)
 
 
 if __name__ == "__main__":
