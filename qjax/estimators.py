@@ -183,9 +183,7 @@ def _quantize_with_scale(x32, fmt: F.Format, axis: int, rounding, key, scale_mod
         stat = clip if scaling.statistic == "absmax" else clip * np.float32(1 / element.max)
     grouped_tensor_scale = None if tensor_scale is None else \
         tensor_scale.reshape((1, 1) * x32.ndim)
-    tensor_reciprocal, reciprocal_table = Q._scale_reciprocals(fmt, grouped_tensor_scale)
-    divisor, stored = Q._scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale,
-                                         tensor_reciprocal)
+    divisor, _, reciprocal = Q._scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale)
     random_bits = None if rounding == "nearest" else Q.stochastic_bits(key, grouped.shape)
     nan = np.float32(np.nan)
     if scaling.scale.power_of_two:
@@ -199,7 +197,6 @@ def _quantize_with_scale(x32, fmt: F.Format, axis: int, rounding, key, scale_mod
         value = jnp.where(divisor > 127, nan, value)
         scale = jnp.where(divisor > 127, nan, Q._from_bits(Q._power_of_two_bits(exponent)))
     else:
-        reciprocal = Q._divisor_reciprocal(divisor, stored, reciprocal_table)
         elements = Q.round_to_element(grouped * reciprocal, element, rounding=rounding,
                                       random_bits=random_bits)
         value = elements * divisor

@@ -312,14 +312,14 @@ def _e8m0_exponent(stat, element, scale_mode):
     return jnp.clip(exponent, -127, 127)
 
 
-def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale, tensor_reciprocal=None):
-    """Scales for group statistics ``stat`` (float32); a tensor scale comes with its reciprocal
-    (:func:`_scale_reciprocals`).
+def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale):
+    """Scales for group statistics ``stat`` (float32).
 
-    Returns ``(divisor, stored)``: for E8M0 scales ``divisor`` is the integer exponent (int32; the
-    caller scales by it exactly on bit patterns), otherwise the float32 value every element is
-    divided by (block scale times tensor scale); ``stored`` is the scale in its storage dtype.
-    NaN marks groups holding a NaN or Inf (exponent 128 for E8M0).
+    Returns ``(divisor, stored, reciprocal)``: for E8M0 scales ``divisor`` is the integer exponent
+    (int32; the caller scales by it exactly on bit patterns) and ``reciprocal`` is None, otherwise
+    ``divisor`` is the float32 value every element is divided by (block scale times tensor scale)
+    and ``reciprocal`` its correctly rounded reciprocal (0 for a zero divisor); ``stored`` is the
+    scale in its storage dtype. NaN marks groups holding a NaN or Inf (exponent 128 for E8M0).
     """
     scaling, element = fmt.scaling, fmt.element
     finite = jnp.isfinite(stat)
@@ -331,7 +331,9 @@ def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale, tensor_recip
         exponent = _e8m0_exponent(stat, element, scale_mode)
         exponent = jnp.where(stat_bits > 0, exponent, -127)
         code = jnp.where(finite, exponent + 127, 255).astype(jnp.uint8)
-        return jnp.where(finite, exponent, 128), lax.bitcast_convert_type(code, jnp.float8_e8m0fnu)
+        return (jnp.where(finite, exponent, 128),
+                lax.bitcast_convert_type(code, jnp.float8_e8m0fnu), None)
+    tensor_reciprocal, reciprocal_table = _scale_reciprocals(fmt, tensor_scale)
     # Divisions by constants are written as products with the float32 reciprocal: XLA rewrites
     # them so under jit, and one spelling keeps eager, jit and every backend bit-identical.
     target = stat if scaling.statistic == "absmean" else stat * _constant_reciprocal(element.max)
@@ -343,14 +345,15 @@ def _scale_from_stat(stat, fmt: F.Format, scale_mode, tensor_scale, tensor_recip
         value = target if encoding.name == "fp32" else \
             round_to_element(target, F.get("bf16").element, saturate=False)
         value = jnp.where(finite, jnp.where(value > 0, value, np.float32(1)), nan)
-        return value, value.astype(jnp.float32 if encoding.name == "fp32" else jnp.bfloat16)
+        stored = value.astype(jnp.float32 if encoding.name == "fp32" else jnp.bfloat16)
+        return value, stored, _divisor_reciprocal(value, stored, None)
     grid = encoding.float_encoding
     value = round_to_element(jnp.where(finite, target, nan), grid)
     code = encode(value, grid).astype(jnp.uint8)
     stored = lax.bitcast_convert_type(code, jnp.float8_e4m3fn) if encoding.name == "e4m3" else code
     if tensor_scale is not None:
         value = value * tensor_scale
-    return value, stored
+    return value, stored, _divisor_reciprocal(value, stored, reciprocal_table)
 
 
 @functools.lru_cache(maxsize=None)
@@ -566,9 +569,7 @@ def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode, prescale: 
         total = jnp.sum(jnp.abs(grouped), axis=reduce_axes, keepdims=True)
         stat = total * (1 / _group_counts(x.shape, block_shape))
     grouped_tensor_scale = None if tensor_scale is None else tensor_scale.reshape((1, 1) * x.ndim)
-    tensor_reciprocal, reciprocal_table = _scale_reciprocals(fmt, grouped_tensor_scale)
-    divisor, stored = _scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale,
-                                       tensor_reciprocal)
+    divisor, stored, reciprocal = _scale_from_stat(stat, fmt, scale_mode, grouped_tensor_scale)
     random_bits = None if rounding == "nearest" else stochastic_bits(key, grouped.shape)
     nan = np.float32(np.nan)
     if scaling.scale.power_of_two:
@@ -591,7 +592,6 @@ def _quantize_core(x, fmt: F.Format, axis, rounding, key, scale_mode, prescale: 
             raise ValueError(f"prescale applies to E8M0-scaled formats; {fmt.name!r} is not one.")
         # Multiply by the reciprocal computed once per group (XLA rewrites a division by a
         # broadcast into that anyway), correctly rounded on every backend.
-        reciprocal = _divisor_reciprocal(divisor, stored, reciprocal_table)
         elements = round_to_element(grouped * reciprocal, fmt.element, rounding=rounding,
                                     random_bits=random_bits)
         dequantized = elements * divisor

@@ -24,10 +24,10 @@ from qjax.pallas import adamw_8bit as K
 TABLES = {False: codes.dynamic_code(8, True), True: codes.dynamic_code(8, False)}  # by `unsigned`
 
 
-_LR = 1e-3  # the learning rate of _inputs' step
+_LR = 1e-3  # the learning rate of kernel_inputs' step
 
 
-def _inputs(shape, seed, param_dtype=jnp.bfloat16, fmt="int8"):
+def kernel_inputs(shape, seed, param_dtype=jnp.bfloat16, fmt="int8"):
     ks = jax.random.split(jax.random.key(seed), 6)
     g = jax.random.normal(ks[0], shape) * 1e-3
     p = (jax.random.normal(ks[1], shape) * 0.02).astype(param_dtype)
@@ -176,7 +176,7 @@ def test_fp8_encoding_is_the_composable_paths():
 
 def test_weight_rounding_is_unbiased_over_keys():
     shape = (1, 256)
-    g, p, mu, nu, h, _ = _inputs(shape, 0)
+    g, p, mu, nu, h, _ = kernel_inputs(shape, 0)
     run = jax.jit(jax.vmap(lambda k: K.adamw_8bit_reference(
         g, p, mu, nu, h, K.stream_keys(k, jnp.zeros(2, jnp.uint32), 0))[0].astype(jnp.float32)))
     keys = jax.random.bits(jax.random.key(1), (3000, 2), jnp.uint32)
@@ -229,7 +229,7 @@ def test_reference_step_is_ieee_float32_as_in_numpy():
 ])
 def test_kernel_matches_reference_bit_for_bit(shape, blocks, mode, decode, fmt):
     dtype = jnp.bfloat16 if mode == "bf16_sr" else jnp.float32
-    g, p, mu, nu, h, keys = _inputs(shape, sum(shape), dtype, fmt)
+    g, p, mu, nu, h, keys = kernel_inputs(shape, sum(shape), dtype, fmt)
     config = K.AdamwKernelConfig(blocks_per_program=blocks, decode=decode)
     decay_bf16 = mode == "bf16_sr"
     got = K.adamw_8bit_pallas(g, p, mu, nu, h, keys, param_mode=mode, decay_bf16=decay_bf16, config=config,
@@ -252,14 +252,14 @@ def test_kernel_matches_reference_bit_for_bit(shape, blocks, mode, decode, fmt):
 def test_in_place_update_of_donated_buffers_gives_the_same_step():
     # The kernel writes the moments (and, with param_in_place, the weights) into its inputs'
     # buffers; donated or not, the results are those of the reference.
-    g, p, mu, nu, h, keys = _inputs((6, 512), 11)
+    g, p, mu, nu, h, keys = kernel_inputs((6, 512), 11)
     want = K.adamw_8bit_reference(g, p, mu, nu, h, keys, decay_bf16=True)
     step = jax.jit(lambda p, mu, nu: K.adamw_8bit_pallas(
         g, p, mu, nu, h, keys, decay_bf16=True, param_in_place=True, interpret=True),
         donate_argnums=(0, 1, 2))
     _assert_identical(step(p, mu, nu), want)
     # not donated: the inputs stay intact for later use
-    g, p, mu, nu, h, keys = _inputs((6, 512), 11)
+    g, p, mu, nu, h, keys = kernel_inputs((6, 512), 11)
     p_before, mu_before = np.asarray(p.astype(jnp.float32)), np.asarray(mu.codes)
     got = jax.jit(lambda p, mu, nu: K.adamw_8bit_pallas(
         g, p, mu, nu, h, keys, decay_bf16=True, param_in_place=True, interpret=True))(p, mu, nu)
@@ -269,7 +269,7 @@ def test_in_place_update_of_donated_buffers_gives_the_same_step():
 
 
 def test_bad_arguments_name_the_choices():
-    g, p, mu, nu, h, keys = _inputs((2, 256), 0)
+    g, p, mu, nu, h, keys = kernel_inputs((2, 256), 0)
     with pytest.raises(ValueError, match="'bf16_sr', 'fp32'"):
         K.adamw_8bit_pallas(g, p, mu, nu, h, keys, param_mode="fp16")
     with pytest.raises(ValueError, match="bfloat16 params"):
@@ -399,7 +399,7 @@ def test_fused_path_trains_like_the_chain():
     ((7, 100), "bf16_sr", "arith"), ((16, 2048), "fp32", "arith")])
 def test_gpu_kernel_is_bit_identical_to_the_reference_on_cpu(shape, mode, decode):
     dtype = jnp.bfloat16 if mode == "bf16_sr" else jnp.float32
-    args = _inputs(shape, 11, dtype)
+    args = kernel_inputs(shape, 11, dtype)
     kw = dict(param_mode=mode, decay_bf16=mode == "bf16_sr")
     got = K.adamw_8bit_pallas(*args, config=K.AdamwKernelConfig(decode=decode), **kw)
     cpu = jax.devices("cpu")[0]
@@ -433,7 +433,7 @@ def test_gpu_fp8_kernel_agrees_with_the_reference_on_cpu(shape, mode):
     block's k may come out the other way where the value sits on a boundary (rare); everything
     else is IEEE arithmetic, as in the int8 kernel."""
     dtype = jnp.bfloat16 if mode == "bf16_sr" else jnp.float32
-    args = _inputs(shape, 11, dtype, "fp8")
+    args = kernel_inputs(shape, 11, dtype, "fp8")
     kw = dict(param_mode=mode, decay_bf16=mode == "bf16_sr")
     got = jax.device_get(K.adamw_8bit_pallas(*args, **kw))
     cpu = jax.devices("cpu")[0]

@@ -9,19 +9,23 @@ such failures. Skipped where this JAX cannot lower for an abstract GPU device.
 """
 
 import contextlib
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import qjax
-import qjax.optim as qo
 from qjax.pallas import adamw_8bit as K
 from qjax.pallas import fake_quant as FQ
 from qjax.pallas import hadamard_quant as HQ
 from qjax.pallas import quantize as PQ
 from qjax.pallas.packed_matmul import pack_weight, packed_matmul
 from qjax.pallas.scaled_matmul import scaled_matmul
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_pallas_adamw import kernel_inputs  # noqa: E402
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -112,16 +116,7 @@ def test_scaled_matmul_kernel_lowers(fmt):
     ("int8", jnp.bfloat16, "gather"), ("int8", jnp.float32, "arith"), ("fp8", jnp.bfloat16, "gather"),
 ])
 def test_adamw_kernel_lowers(fmt, param_dtype, decode):
-    shape = (8, 1024)
-    ks = jax.random.split(jax.random.key(6), 5)
-    g = jax.random.normal(ks[0], shape) * 1e-3
-    p = (jax.random.normal(ks[1], shape) * 0.02).astype(param_dtype)
-    mu = qo.quantize_tensor(jax.random.normal(ks[2], shape) * 1e-3, fmt)
-    nu = qo.quantize_tensor(jax.random.normal(ks[3], shape) ** 2 * 1e-6, fmt)
-    h = K.hyperparameters(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, neg_lr=-1e-3,
-                          count_inc=jnp.int32(3), decay_dtype=param_dtype)
-    words = jax.random.bits(ks[4], (4,), jnp.uint32)
-    keys = K.stream_keys(words[:2], words[2:], 0)
+    g, p, mu, nu, h, keys = kernel_inputs((8, 1024), 6, param_dtype, fmt)
     mode = "bf16_sr" if param_dtype == jnp.bfloat16 else "fp32"
     config = K.AdamwKernelConfig(decode=decode)
     text = _lower_for_gpu(lambda g, p, mu, nu: K.adamw_8bit_pallas(
