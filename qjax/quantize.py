@@ -429,8 +429,13 @@ def _absmax(x, axes):
 
 
 def _tensor_scale(x, fmt: F.Format):
-    """The NVFP4-style FP32 second-level scale amax / (element.max * scale.max), shape (1,)*ndim."""
-    amax = _absmax(x, tuple(range(x.ndim)))
+    """The NVFP4-style FP32 second-level scale of ``x``, shape (1,)*ndim."""
+    return _tensor_scale_of_amax(_absmax(x, tuple(range(x.ndim))), fmt)
+
+
+def _tensor_scale_of_amax(amax, fmt: F.Format):
+    """The NVFP4-style FP32 second-level scale amax / (element.max * scale.max) of a tensor whose
+    max |x| is ``amax`` (float32): 1 where amax is 0, NaN where it is NaN or Inf."""
     scale = amax * _constant_reciprocal(fmt.element.max * fmt.scaling.scale.float_encoding.max)
     scale = jnp.where(amax > 0, scale, np.float32(1))
     return jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))

@@ -56,6 +56,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from qjax import formats as F
 from qjax.quantize import _reciprocal as _xla_reciprocal
+from qjax.quantize import _tensor_scale_of_amax
 from qjax.quantize import check_counter_range, counter_bits, stream_words
 
 __all__ = ["fake_quant_pallas", "supports"]
@@ -578,9 +579,7 @@ def _next_power_of_two(n: int) -> int:
 def tensor_scale_pair(amax, fmt):
     """The NVFP4 tensor scale (``qjax.quantize._tensor_scale``) of a tensor whose max |x| is the
     float32 scalar ``amax``, and its reciprocal, by XLA, as the ``(2,)`` operand the kernels read."""
-    scale = amax * (np.float32(1) / np.float32(fmt.element.max * fmt.scaling.scale.float_encoding.max))
-    scale = jnp.where(amax > 0, scale, np.float32(1))
-    scale = jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))
+    scale = _tensor_scale_of_amax(amax, fmt)
     # XLA's unrolled long division: the kernels' rolled loop (`_reciprocal`) is a while loop
     # here, 25 launches that took 145 us against the whole 8192^2 kernel's 158 (H100).
     return jnp.stack([scale, _xla_reciprocal(scale)])
