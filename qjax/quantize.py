@@ -428,6 +428,9 @@ def _absmax(x, axes):
     return _from_bits(jnp.max(_bits(x) & _ABS, axis=axes, keepdims=True))
 
 
+_SMALLEST_NORMAL = np.float32(2.0**-126)
+
+
 def _tensor_scale(x, fmt: F.Format):
     """The NVFP4-style FP32 second-level scale of ``x``, shape (1,)*ndim."""
     return _tensor_scale_of_amax(_absmax(x, tuple(range(x.ndim))), fmt)
@@ -435,9 +438,13 @@ def _tensor_scale(x, fmt: F.Format):
 
 def _tensor_scale_of_amax(amax, fmt: F.Format):
     """The NVFP4-style FP32 second-level scale amax / (element.max * scale.max) of a tensor whose
-    max |x| is ``amax`` (float32): 1 where amax is 0, NaN where it is NaN or Inf."""
+    max |x| is ``amax`` (float32), at least 2**-126: 1 where amax is 0, NaN where it is NaN or Inf.
+
+    The floor keeps the scale and its reciprocal normal float32 numbers: a subnormal tensor scale
+    (amax below ~3.2e-35 for NVFP4) is flushed to 0 by XLA's float arithmetic on the CPU, which
+    turned such tensors into zeros."""
     scale = amax * _constant_reciprocal(fmt.element.max * fmt.scaling.scale.float_encoding.max)
-    scale = jnp.where(amax > 0, scale, np.float32(1))
+    scale = jnp.where(amax > 0, jnp.maximum(scale, _SMALLEST_NORMAL), np.float32(1))
     return jnp.where(jnp.isfinite(amax), scale, np.float32(np.nan))
 
 

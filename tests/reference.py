@@ -171,8 +171,7 @@ def nvfp4_scales_ref(x):
             s_t = np.float32(1.0)
         else:
             s_t = np.float32(amax_t * (np.float32(1) / np.float32(2688.0)))  # f32(amax_t * f32(1/2688))
-            if s_t == 0:  # underflow: treated like an all-zero tensor
-                s_t = np.float32(1.0)
+            s_t = max(s_t, np.float32(2.0**-126))  # never subnormal (nor 0 by underflow)
         amax_b = np.max(np.abs(xb), axis=-1)
         a = (amax_b * (np.float32(1) / np.float32(6.0))).astype(np.float32)  # f32(amax_b * f32(1/6))
         b = (a * (np.float32(1) / s_t)).astype(np.float32)  # f32(... * f32(1 / s_t))

@@ -109,6 +109,15 @@ def test_nvfp4_bit_identical():
     assert_bit_identical(out, qjax.fake_quant(jnp.asarray(x), "nvfp4"))
 
 
+def test_nvfp4_tiny_tensor_bit_identical():
+    # amax ~1e-35: the tensor scale takes its floor 2**-126 in the kernel's operand as in XLA's path
+    x = jax.random.normal(jax.random.key(5), (64, 64)) * np.float32(1e-37)
+    x = x * 2.0 ** jax.random.randint(jax.random.key(6), (64, 1), 0, 6).astype(jnp.float32)
+    out = interpret(x, "nvfp4", block_rows=64, block_cols=64)
+    assert_bit_identical(out, qjax.fake_quant(x, "nvfp4"))
+    assert np.mean(np.asarray(out) != 0) > 0.5
+
+
 @pytest.mark.parametrize("special", [None, np.nan, np.inf])
 def test_nvfp4_stochastic_bit_identical(special):
     # The float-scaled SR path rounds with the shortcut shift of the E8M0 kernels and handles

@@ -1,4 +1,6 @@
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,9 @@ import qjax
 from qjax import formats as F
 from qjax.pallas import fake_quant_pallas
 from qjax.quantize import decode, encode, round_to_element
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference import nvfp4_fake_quant_ref  # noqa: E402
 
 SMALL_FLOATS = {  # every float element encoding of <= 8 bits that we name, plus sweep encodings
     "e4m3fn": F.FloatEncoding(4, 3, "fn"),
@@ -204,6 +209,28 @@ def test_nvfp4_tiny_block_next_to_a_huge_one_flushes_to_zero():
     q = qjax.quantize(jnp.asarray(x), "nvfp4")
     assert float(q.scales.astype(jnp.float32)[0, 1]) == 0.0
     assert (np.asarray(q.dequantize())[0, 16:] == 0).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e-36, 3e-36])
+def test_nvfp4_tiny_tensor_keeps_its_resolution(magnitude):
+    # amax / 2688 would be a subnormal tensor scale, which XLA flushes to 0 (all zeros came out):
+    # the floor 2**-126 keeps it and its reciprocal normal, so the tensor quantizes as the
+    # reference says, with the error of a normal-sized tensor.
+    x = jax.random.normal(jax.random.key(4), (8, 64)) * np.float32(magnitude)
+    q = qjax.quantize(x, "nvfp4")
+    assert float(q.tensor_scale.reshape(())) == 2.0**-126
+    out = np.asarray(q.dequantize())
+    assert_bitwise_equal(out, nvfp4_fake_quant_ref(np.asarray(x)))
+    assert_bitwise_equal(qjax.fake_quant(x, "nvfp4"), out)
+    amax = float(jnp.max(jnp.abs(x)))
+    assert np.max(np.abs(out - np.asarray(x))) / amax < 0.2 and np.mean(out != 0) > 0.9
+
+
+def test_nvfp4_subnormal_tensor_gives_no_nan():
+    x = np.zeros((2, 32), np.float32)
+    x[0, :16] = 1e-42  # every value subnormal; the other blocks all zero
+    out = np.asarray(qjax.fake_quant(jnp.asarray(x), "nvfp4"))
+    assert np.isfinite(out).all() and np.all(np.abs(out) <= 2e-42)
 
 
 def test_ternary_and_binary_follow_bitnet():
